@@ -1,0 +1,1 @@
+"""The adaptclip gRPC server: model hosting, label sets, dynamic batching."""

@@ -1,0 +1,103 @@
+"""Process wiring: gRPC server, health, reflection, model loading, graceful shutdown."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from adaptclip.server.config import ServerConfig
+from adaptclip.server.models import HostedModel, attach_batcher, load_model, warm_up
+from adaptclip.server.service import ClassifierService
+from adaptclip.v1 import classifier_pb2 as pb
+from adaptclip.v1 import classifier_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Classifier"].full_name
+
+
+def load_models(cfg: ServerConfig) -> list[HostedModel]:
+    """Load, check and warm every configured model (blocking; run it off the event loop)."""
+    names = [spec.name or spec.model for spec in cfg.models]
+    if len(set(names)) != len(names):
+        raise ValueError(f"model names must be unique, got {names}; set `name` per model")
+    hosted = []
+    for spec in cfg.models:
+        log.info("loading model %s (pretrained=%s, device=%s, precision=%s)", spec.model,
+                 "RANDOM INIT" if spec.random_init else spec.pretrained, spec.device, spec.precision)
+        m = load_model(spec)
+        warm_up(m)
+        log.info("model %s ready: embed_dim=%d image_size=%d logit_scale=%.3f fingerprint=%s",
+                 m.name, m.embed_dim, m.image_size, m.logit_scale, m.fingerprint)
+        hosted.append(m)
+    return hosted
+
+
+class App:
+    """A running server. `start()` binds the port at once (health NOT_SERVING); models load after."""
+
+    def __init__(self, cfg: ServerConfig) -> None:
+        self.cfg = cfg
+        self.service = ClassifierService(cfg)
+        self.health = health.aio.HealthServicer()
+        max_msg = cfg.limits.max_image_bytes + 8 * 1024 * 1024
+        self.server = grpc.aio.server(options=[("grpc.max_receive_message_length", max_msg),
+                                               ("grpc.max_send_message_length", max_msg)])
+        pb_grpc.add_ClassifierServicer_to_server(self.service, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            self.server)
+        self.port = 0
+
+    async def start(self) -> int:
+        self.port = self.server.add_insecure_port(f"{self.cfg.host}:{self.cfg.port}")
+        if self.port == 0:
+            raise OSError(f"cannot bind {self.cfg.host}:{self.cfg.port}")
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.server.start()
+        log.info("listening on %s:%d (NOT_SERVING until models are loaded)", self.cfg.host, self.port)
+        return self.port
+
+    async def load(self, models: list[HostedModel] | None = None) -> None:
+        """Load (or adopt already loaded) models, start their batchers, then report SERVING."""
+        if models is None:
+            models = await asyncio.get_running_loop().run_in_executor(None, load_models, self.cfg)
+        for m in models:
+            attach_batcher(m, self.cfg.batching)
+            m.batcher.start()
+        self.service.set_models(models)
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving %s", ", ".join(m.name for m in models))
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Stop taking new calls, let in-flight ones finish (up to the grace period), then free models."""
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(self.cfg.grace_period_s if grace_s is None else grace_s)
+        await self.service.close()
+
+
+async def serve(cfg: ServerConfig) -> int:
+    """Run until SIGTERM/SIGINT; exit code 2 when a model cannot be served."""
+    app = App(cfg)
+    await app.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    loader = asyncio.ensure_future(app.load())
+    await asyncio.wait([loader, asyncio.ensure_future(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
+    if loader.done() and loader.exception() is not None:
+        log.error("%s", loader.exception())
+        await app.stop(0)
+        return 2
+    await stop.wait()
+    log.info("shutting down: finishing in-flight requests (grace %.0fs)", cfg.grace_period_s)
+    loader.cancel()
+    await app.stop()
+    return 0

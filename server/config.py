@@ -1,0 +1,83 @@
+"""Server settings: embedded defaults, overridable by a YAML file and by CLI flags."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DEFAULT_MODEL = "ViT-B-32"
+DEFAULT_PRETRAINED = "laion2b_s34b_b79k"
+
+
+@dataclass
+class ModelSpec:
+    """One model to host: an open_clip registry name or a JSON model config file."""
+
+    model: str = DEFAULT_MODEL
+    pretrained: str | None = DEFAULT_PRETRAINED  # open_clip tag or local checkpoint path
+    name: str | None = None  # served name; defaults to the registry name / JSON file stem
+    device: str = "auto"  # auto = CUDA when available
+    precision: str = "fp32"  # fp32 | fp16 | bf16
+    random_init: bool = False  # serve random weights: only for tests and speed benchmarks
+
+
+@dataclass
+class Limits:
+    max_image_bytes: int = 20 * 1024 * 1024
+    max_image_pixels: int = 40_000_000
+    max_labels: int = 2048
+    max_templates: int = 128
+    max_label_chars: int = 256
+    max_embed_items: int = 256
+
+
+@dataclass
+class BatchingConfig:
+    max_batch_size: int = 32
+    max_queue_delay_ms: float = 5.0
+    max_queue_size: int = 1024  # images waiting for the encoder; beyond -> RESOURCE_EXHAUSTED
+
+
+@dataclass
+class ServerConfig:
+    host: str = "[::]"
+    port: int = 50051
+    models: list[ModelSpec] = field(default_factory=lambda: [ModelSpec()])
+    limits: Limits = field(default_factory=Limits)
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
+    label_set_cache_size: int = 256  # label sets kept (classifiers per model)
+    preprocess_workers: int = 2  # threads decoding and preprocessing images
+    grace_period_s: float = 30.0  # SIGTERM: how long in-flight work may take to finish
+
+    @property
+    def default_model(self) -> ModelSpec:
+        return self.models[0]
+
+
+def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+    """Dataclass from a dict, rejecting unknown keys with the key's path in the message."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"unknown config key(s) in {where}: {', '.join(unknown)}")
+    return cls(**data)
+
+
+def load_config(path: str | Path | None) -> ServerConfig:
+    """Read a YAML config (see README); missing sections keep their defaults."""
+    if path is None:
+        return ServerConfig()
+    raw = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: top level must be a mapping")
+    raw = dict(raw)
+    models = [_build(ModelSpec, dict(m), f"models[{i}]") for i, m in enumerate(raw.pop("models", []) or [])]
+    limits = _build(Limits, dict(raw.pop("limits", {}) or {}), "limits")
+    batching = _build(BatchingConfig, dict(raw.pop("batching", {}) or {}), "batching")
+    cfg = _build(ServerConfig, raw, "config")
+    cfg.models = models or [ModelSpec()]
+    cfg.limits, cfg.batching = limits, batching
+    return cfg

@@ -1,0 +1,35 @@
+"""Image decoding with byte and pixel limits, checked before pixels are decoded."""
+from __future__ import annotations
+
+import io
+import warnings
+
+from PIL import Image, UnidentifiedImageError
+
+from adaptclip.server.errors import invalid
+
+
+def decode_image(data: bytes, *, max_bytes: int, max_pixels: int, field: str = "image") -> Image.Image:
+    """Decode an encoded image to RGB; raise INVALID_ARGUMENT naming `field` when it is bad.
+
+    The size is read from the header first, so an oversized image (or a decompression bomb)
+    is refused without allocating its pixels.
+    """
+    if not data:
+        raise invalid(field, "empty image bytes")
+    if len(data) > max_bytes:
+        raise invalid(field, f"{len(data)} bytes is over the limit of {max_bytes} bytes")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            width, height = img.size
+            if width * height > max_pixels:
+                raise invalid(field, f"{width}x{height} = {width * height} pixels is over the limit of {max_pixels} pixels")
+            img.load()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError,
+            Image.DecompressionBombWarning) as exc:
+        raise invalid(field, f"cannot decode image ({exc.__class__.__name__}: {exc})") from None
+    if width == 0 or height == 0:
+        raise invalid(field, "image has zero width or height")
+    return img.convert("RGB")

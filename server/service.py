@@ -1,0 +1,208 @@
+"""The adaptclip.v1.Classifier servicer: request -> decode -> encoder batch -> logits -> response."""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+import open_clip
+import torch
+import torch.nn.functional as F
+
+import adaptclip
+from adaptclip.server.config import ServerConfig
+from adaptclip.server.decode import decode_image
+from adaptclip.server.errors import RequestError, invalid, not_found
+from adaptclip.server.labels import LabelSetDef, LabelSetStore, validate_label_set
+from adaptclip.server.models import HostedModel
+from adaptclip.v1 import classifier_pb2 as pb
+from adaptclip.v1 import classifier_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+DEFAULT_TOP_K = 5
+STREAM_WINDOW = 64  # requests of one stream in flight at once
+
+
+class ClassifierService(pb_grpc.ClassifierServicer):
+    def __init__(self, cfg: ServerConfig) -> None:
+        self.cfg = cfg
+        self.models: dict[str, HostedModel] = {}
+        self.default_model = ""
+        self.labels = LabelSetStore(cfg.label_set_cache_size)
+        self._pre_pool = concurrent.futures.ThreadPoolExecutor(cfg.preprocess_workers, thread_name_prefix="decode")
+        self.ready = asyncio.Event()
+
+    def set_models(self, models: list[HostedModel]) -> None:
+        self.models = {m.name: m for m in models}
+        self.default_model = models[0].name
+        self.ready.set()
+
+    async def close(self) -> None:
+        for m in self.models.values():
+            if m.batcher is not None:
+                await m.batcher.close()
+            m.close()
+        self._pre_pool.shutdown(wait=False, cancel_futures=True)
+
+    # -- lookups ----------------------------------------------------------------------------
+    def _model(self, name: str) -> HostedModel:
+        if not self.ready.is_set():
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, "model", "models are still loading; retry shortly")
+        hosted = self.models.get(name or self.default_model)
+        if hosted is None:
+            raise not_found("model", f"unknown model '{name}'; loaded: {', '.join(self.models)}")
+        return hosted
+
+    def _label_set(self, req: pb.ClassifyRequest) -> LabelSetDef:
+        which = req.WhichOneof("labels")
+        if which == "label_set_id":
+            return self.labels.get(req.label_set_id)
+        if which == "label_set":
+            return self.labels.add(validate_label_set(list(req.label_set.labels), list(req.label_set.templates),
+                                                      self.cfg.limits, "label_set"))
+        raise invalid("label_set", "no labels given: set label_set (inline labels) or label_set_id")
+
+    def _preprocess(self, hosted: HostedModel, data: bytes, field: str) -> torch.Tensor:
+        img = decode_image(data, max_bytes=self.cfg.limits.max_image_bytes,
+                           max_pixels=self.cfg.limits.max_image_pixels, field=field)
+        return hosted.preprocess(img)
+
+    async def _pixels(self, hosted: HostedModel, data: bytes, field: str = "image") -> torch.Tensor:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pre_pool, self._preprocess, hosted, data, field)
+
+    # -- classify ---------------------------------------------------------------------------
+    async def _classify(self, req: pb.ClassifyRequest, context: grpc.aio.ServicerContext) -> pb.ClassifyResponse:
+        start = time.perf_counter()
+        hosted = self._model(req.model)
+        if req.top_k < 0:
+            raise invalid("top_k", f"must be >= 0, got {req.top_k}")
+        if req.adaptation.method not in (pb.Adaptation.METHOD_UNSPECIFIED, pb.Adaptation.NONE):
+            raise invalid("adaptation.method", f"unknown method {req.adaptation.method}")
+        ls = self._label_set(req)
+        if not req.image:
+            raise invalid("image", "empty image bytes")
+        classifier_task = asyncio.ensure_future(self.labels.classifier(hosted, ls))
+        try:
+            pixels = await self._pixels(hosted, req.image)
+        except BaseException:
+            classifier_task.cancel()
+            raise
+        decoded = time.perf_counter()
+        result = await hosted.batcher.submit(pixels.unsqueeze(0), timeout_s=context.time_remaining())
+        classifier = await classifier_task
+        logits = hosted.logits(F.normalize(result.features, dim=-1), classifier)[0]
+        probs = logits.softmax(-1)
+        k = min(req.top_k or DEFAULT_TOP_K, len(ls.labels))
+        top = torch.topk(probs, k)
+        resp = pb.ClassifyResponse(model=hosted.name, label_set_id=ls.id, request_id=req.request_id)
+        for p, i in zip(top.values.tolist(), top.indices.tolist()):
+            resp.top.add(label=ls.labels[i], probability=p, logit=float(logits[i]), index=i)
+        resp.timings.decode_us = int((decoded - start) * 1e6)
+        resp.timings.queue_us = result.queue_us
+        resp.timings.encode_us = result.encode_us
+        resp.timings.total_us = int((time.perf_counter() - start) * 1e6)
+        return resp
+
+    async def Classify(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext) -> pb.ClassifyResponse:
+        try:
+            return await self._classify(request, context)
+        except RequestError as exc:
+            await context.abort(exc.code, str(exc))
+
+    async def _classify_or_error(self, req: pb.ClassifyRequest, context: grpc.aio.ServicerContext) -> pb.ClassifyResponse:
+        try:
+            return await self._classify(req, context)
+        except RequestError as exc:
+            return pb.ClassifyResponse(request_id=req.request_id, error=pb.Error(code=exc.code.value[0], message=str(exc)))
+        except Exception as exc:  # noqa: BLE001 - one item's failure must not end the stream
+            log.exception("stream item %s failed", req.request_id)
+            return pb.ClassifyResponse(request_id=req.request_id,
+                                       error=pb.Error(code=grpc.StatusCode.INTERNAL.value[0], message=repr(exc)))
+
+    async def ClassifyStream(self, request_iterator: AsyncIterator[pb.ClassifyRequest],
+                             context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ClassifyResponse]:
+        """Reads ahead up to STREAM_WINDOW requests so they share encoder batches; answers in order."""
+        pending: asyncio.Queue[asyncio.Task | None] = asyncio.Queue(STREAM_WINDOW)
+
+        async def read() -> None:
+            try:
+                async for req in request_iterator:
+                    await pending.put(asyncio.ensure_future(self._classify_or_error(req, context)))
+            finally:
+                await pending.put(None)
+
+        reader = asyncio.ensure_future(read())
+        try:
+            while (task := await pending.get()) is not None:
+                yield await task
+            await reader  # surfaces a read error
+        finally:
+            reader.cancel()
+            while not pending.empty():
+                if (task := pending.get_nowait()) is not None:
+                    task.cancel()
+
+    # -- label sets, embeddings, info ------------------------------------------------------
+    async def RegisterLabelSet(self, request: pb.LabelSet, context: grpc.aio.ServicerContext) -> pb.LabelSetRef:
+        try:
+            ls = self.labels.add(validate_label_set(list(request.labels), list(request.templates),
+                                                    self.cfg.limits, "label_set"))
+            for hosted in list(self.models.values()):
+                await self.labels.classifier(hosted, ls)
+        except RequestError as exc:
+            await context.abort(exc.code, str(exc))
+        return pb.LabelSetRef(label_set_id=ls.id, num_labels=len(ls.labels), num_templates=len(ls.templates))
+
+    async def Embed(self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
+        try:
+            hosted = self._model(request.model)
+            limit = self.cfg.limits.max_embed_items
+            if not request.images and not request.texts:
+                raise invalid("images", "nothing to embed: give images and/or texts")
+            if len(request.images) > limit:
+                raise invalid("images", f"{len(request.images)} images is over the limit of {limit}")
+            if len(request.texts) > limit:
+                raise invalid("texts", f"{len(request.texts)} texts is over the limit of {limit}")
+            resp = pb.EmbedResponse(model=hosted.name, dim=hosted.embed_dim)
+            if request.images:
+                pixels = await asyncio.gather(*(self._pixels(hosted, d, f"images[{i}]") for i, d in enumerate(request.images)))
+                result = await hosted.batcher.submit(torch.stack(pixels), timeout_s=context.time_remaining())
+                feats = F.normalize(result.features, dim=-1) if request.normalize else result.features
+                for row in feats.tolist():
+                    resp.image_embeddings.add(values=row)
+            if request.texts:
+                feats = await asyncio.wrap_future(hosted.run_text(hosted.encode_texts, list(request.texts), request.normalize))
+                for row in feats.tolist():
+                    resp.text_embeddings.add(values=row)
+            return resp
+        except RequestError as exc:
+            await context.abort(exc.code, str(exc))
+
+    async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
+        lim, bat = self.cfg.limits, self.cfg.batching
+        info = pb.ModelInfo(default_model=self.default_model, limits=pb.Limits(
+            max_image_bytes=lim.max_image_bytes, max_image_pixels=lim.max_image_pixels, max_labels=lim.max_labels,
+            max_templates=lim.max_templates, max_batch_size=bat.max_batch_size,
+            max_queue_delay_us=int(bat.max_queue_delay_ms * 1000), max_queue_size=bat.max_queue_size,
+            max_embed_items=lim.max_embed_items),
+            versions=pb.Versions(adaptclip=adaptclip.__version__, open_clip=open_clip.__version__,
+                                 torch=torch.__version__, grpc=grpc.__version__))
+        for m in self.models.values():
+            info.models.add(name=m.name, is_default=m.name == self.default_model, embed_dim=m.embed_dim,
+                            image_size=m.image_size, pretrained=_pretrained_label(m), fingerprint=m.fingerprint,
+                            device=str(m.device), precision=m.spec.precision, logit_scale=m.logit_scale,
+                            random_init=m.spec.random_init)
+        return info
+
+
+def _pretrained_label(m: HostedModel) -> str:
+    """The tag, or the checkpoint's file name (full paths are the operator's business)."""
+    if m.spec.random_init or not m.spec.pretrained:
+        return ""
+    p = m.spec.pretrained
+    return p.rsplit("/", 1)[-1] if "/" in p else p
+
