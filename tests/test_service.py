@@ -1,0 +1,119 @@
+"""Service behaviour: batching, streams, label sets, model info, health and reflection."""
+from __future__ import annotations
+
+import concurrent.futures
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+from adaptclip.client import Client
+from adaptclip.client.client import classify_request
+from adaptclip.server.app import App
+from adaptclip.server.config import ServerConfig
+from adaptclip.server.models import load_model
+from conftest import LABELS, ServerThread, make_image
+
+
+def _top(resp):
+    return [s.label for s in resp.top], [s.logit for s in resp.top]
+
+
+def assert_same(a, b):
+    assert a[0] == b[0]
+    assert a[1] == pytest.approx(b[1], abs=1e-4)
+
+
+def test_concurrent_clients_share_batches(server, client):
+    ref = client.register_label_set(LABELS)
+    images = [make_image(100 + i) for i in range(24)]
+    expected = [_top(client.classify(img, label_set_id=ref.label_set_id)) for img in images]
+    batches_before = server.app.service.models[server.app.service.default_model].batcher.batches
+
+    def call(i: int):
+        with Client(server.target) as c:
+            return _top(c.classify(images[i], label_set_id=ref.label_set_id))
+
+    with concurrent.futures.ThreadPoolExecutor(12) as pool:
+        got = list(pool.map(call, range(len(images))))
+    for g, e in zip(got, expected):
+        assert_same(g, e)
+    batches = server.app.service.models[server.app.service.default_model].batcher.batches - batches_before
+    assert batches < len(images), "concurrent requests should have shared encoder batches"
+
+
+def test_stream_answers_in_order_with_request_ids(client):
+    ref = client.register_label_set(LABELS)
+    images = [make_image(200 + i, (30 + i, 40)) for i in range(30)]
+    reqs = [classify_request(img, label_set_id=ref.label_set_id, request_id=f"req-{i}") for i, img in enumerate(images)]
+    reqs[7] = classify_request(b"not an image", label_set_id=ref.label_set_id, request_id="req-7")
+    responses = list(client.classify_stream(reqs, timeout_s=60))
+    assert [r.request_id for r in responses] == [f"req-{i}" for i in range(30)]
+    assert responses[7].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert "image" in responses[7].error.message
+    for i in (0, 13, 29):
+        assert not responses[i].HasField("error")
+        assert_same(_top(responses[i]), _top(client.classify(images[i], label_set_id=ref.label_set_id)))
+
+
+def test_label_set_id_is_a_stable_content_hash(client):
+    a = client.register_label_set(["x", "y"], ["a {}."])
+    b = client.register_label_set(["x", "y"], ["a {}."])
+    c = client.register_label_set(["y", "x"], ["a {}."])
+    assert a.label_set_id == b.label_set_id != c.label_set_id
+    inline = client.classify(make_image(3), labels=["x", "y"], templates=["a {}."])
+    assert inline.label_set_id == a.label_set_id
+    assert inline.top[0].label in ("x", "y") and len(inline.top) == 2  # top_k clamped to the labels
+
+
+def test_model_info(client):
+    info = client.model_info()
+    assert info.default_model == "tiny-vit"
+    m = info.models[0]
+    assert (m.name, m.embed_dim, m.image_size, m.is_default, m.random_init) == ("tiny-vit", 32, 32, True, False)
+    assert m.pretrained == "tiny.pt" and len(m.fingerprint) == 32 and m.logit_scale == pytest.approx(1 / 0.07, rel=1e-4)
+    assert info.limits.max_labels > 0 and info.versions.open_clip and info.versions.torch
+
+
+def test_health_and_reflection(server):
+    with grpc.insecure_channel(server.target) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "adaptclip.v1.Classifier"):
+            assert health.Check(health_pb2.HealthCheckRequest(service=service)).status == \
+                health_pb2.HealthCheckResponse.SERVING
+        db = ProtoReflectionDescriptorDatabase(channel)
+        assert "adaptclip.v1.Classifier" in db.get_services()
+        assert "grpc.health.v1.Health" in db.get_services()
+        methods = {m.name for m in db.FindFileContainingSymbol("adaptclip.v1.Classifier").service[0].method}
+        assert {"Classify", "ClassifyStream", "RegisterLabelSet", "Embed", "GetModelInfo"} <= methods
+
+
+def test_health_not_serving_until_loaded(tiny_spec):
+    """Port open, model not loaded yet: health NOT_SERVING and Classify UNAVAILABLE; then SERVING."""
+    model = load_model(tiny_spec)
+    thread = ServerThread(ServerConfig(host="127.0.0.1", port=0, models=[tiny_spec]), [model])
+
+    async def only_start():
+        thread.app = App(thread.cfg)
+        thread.port = await thread.app.start()
+
+    import asyncio
+    import threading
+
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+    asyncio.run_coroutine_threadsafe(only_start(), loop).result(30)
+    try:
+        with grpc.insecure_channel(thread.target) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            req = health_pb2.HealthCheckRequest(service="adaptclip.v1.Classifier")
+            assert health.Check(req).status == health_pb2.HealthCheckResponse.NOT_SERVING
+            with Client(thread.target) as c, pytest.raises(grpc.RpcError) as err:
+                c.classify(make_image(1), labels=LABELS)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            asyncio.run_coroutine_threadsafe(thread.app.load([model]), loop).result(30)
+            assert health.Check(req).status == health_pb2.HealthCheckResponse.SERVING
+            asyncio.run_coroutine_threadsafe(thread.app.stop(0), loop).result(30)
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
