@@ -1,0 +1,253 @@
+"""Augmented views for test-time adaptation, on the images' device, seedable per image.
+
+Mirrors the structure of the official TPT / GS-Bias `AugMixAugmenter` (hzhxmu/GS-Bias
+datasets/utils.py, azshue/TPT data/datautils.py, ops from data/augmix_ops.py): view 0 is the
+model's plain preprocessing; every other view is a RandomResizedCrop of the *original* image
+(not of the resized one) to S x S, a horizontal flip with p = 0.5, then optionally AugMix:
+`width` chains of 1..3 random ops from [autocontrast, equalize, posterize, rotate, solarize,
+shear_x, shear_y, translate_x, translate_y], mixed with Dirichlet(1, ..., 1) weights, and that
+mix Beta(1, 1)-blended with the crop. Differences from the PIL original, all deliberate:
+
+- Everything is float in [0, 1] on the device: no 8-bit rounding between ops (posterize and
+  equalize still quantise to 256 levels, as kornia implements them).
+- The crop is resized with torch's antialiased interpolation (PIL-like) with `interpolation`
+  (default bicubic; torchvision's RandomResizedCrop, used by the official code, defaults to
+  bilinear) and clamped to [0, 1] since bicubic overshoots.
+- Mixing happens before normalisation instead of after; it is affine with weights summing to 1,
+  so the result is the same.
+- translate_x/y scale with S / 3 (the official code hard-codes IMAGE_SIZE = 224).
+- Random numbers come from a torch.Generator per image (see `ViewGenerator.__call__`), not
+  numpy's global RNG, so the same seed gives the same views on any device and in any batch.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import kornia.enhance as KE
+import kornia.geometry.transform as KT
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+_CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)  # torchvision RandomResizedCrop default
+_CROP_ATTEMPTS = 10  # torchvision tries 10 random boxes before its centre-crop fallback
+_INTERPOLATIONS = ("bilinear", "bicubic")
+
+
+@dataclass(frozen=True)
+class _Params:
+    """Random draws for the augmented views of one image (CPU tensors, n = n_views - 1)."""
+
+    boxes: list[tuple[int, int, int, int]]  # (top, left, height, width) per view
+    flip: Tensor  # [n] bool
+    mix_weights: Tensor  # [n, width] Dirichlet(1)
+    blend: Tensor  # [n] Beta(1, 1): weight of the plain crop
+    depth: Tensor  # [n, width] ops per chain
+    ops: Tensor  # [n, width, max_depth] index into _OP_NAMES
+    levels: Tensor  # [n, width, max_depth] AugMix sample_level(severity)
+    signs: Tensor  # [n, width, max_depth] +-1 for the signed ops
+
+
+class ViewGenerator:
+    """Builds [B, n_views, 3, S, S] normalised views: view 0 given, the rest crops + AugMix."""
+
+    def __init__(self, image_size: int, mean: Sequence[float], std: Sequence[float], *,
+                 crop_scale: tuple[float, float] = (0.08, 1.0), augmix: bool = True,
+                 augmix_severity: float = 1.0, augmix_width: int = 3, augmix_depth: int = -1,
+                 interpolation: str = "bicubic") -> None:
+        """augmix_depth = -1 draws 1..3 ops per chain (the official choice), else a fixed count."""
+        if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
+            raise ValueError(f"image_size must be an int >= 1, got {image_size!r}")
+        if len(mean) != 3 or len(std) != 3:
+            raise ValueError(f"mean and std must have 3 values, got {len(mean)} and {len(std)}")
+        if not all(math.isfinite(s) and s > 0 for s in std):
+            raise ValueError(f"std must be finite and > 0, got {tuple(std)}")
+        if len(crop_scale) != 2 or not 0.0 < crop_scale[0] <= crop_scale[1] <= 1.0:
+            raise ValueError(f"crop_scale must be (lo, hi) with 0 < lo <= hi <= 1, got {crop_scale!r}")
+        if not 0.1 <= augmix_severity <= 10.0:
+            raise ValueError(f"augmix_severity must be in [0.1, 10], got {augmix_severity!r}")
+        if isinstance(augmix_width, bool) or not isinstance(augmix_width, int) or augmix_width < 1:
+            raise ValueError(f"augmix_width must be an int >= 1, got {augmix_width!r}")
+        if isinstance(augmix_depth, bool) or not isinstance(augmix_depth, int) or not (
+                augmix_depth == -1 or augmix_depth >= 1):
+            raise ValueError(f"augmix_depth must be -1 (random 1..3) or an int >= 1, got {augmix_depth!r}")
+        if interpolation not in _INTERPOLATIONS:
+            raise ValueError(f"interpolation must be one of {_INTERPOLATIONS}, got {interpolation!r}")
+        self.image_size = image_size
+        self.mean = torch.tensor([float(m) for m in mean]).view(3, 1, 1)
+        self.std = torch.tensor([float(s) for s in std]).view(3, 1, 1)
+        self.crop_scale = (float(crop_scale[0]), float(crop_scale[1]))
+        self.augmix = augmix
+        self.severity = float(augmix_severity)
+        self.width = augmix_width
+        self.depth = augmix_depth
+        self.interpolation = interpolation
+
+    def __call__(self, images: Sequence[Tensor], base_views: Tensor, n_views: int,
+                 seed: int | Sequence[int] | None = None) -> Tensor:
+        """Views of each image: [B, n_views, 3, S, S] on base_views' device and dtype.
+
+        images: B tensors [3, H, W], float in [0, 1], any sizes (moved to base_views' device).
+        base_views: [B, 3, S, S] view 0, already normalised by the model's own transform.
+        seed: image i draws from a torch.Generator seeded with `seed + i` (an int), `seed[i]`
+            (a sequence of B ints), or a seed taken from torch's global RNG (None). So a batch
+            gives exactly the views its images get one at a time with their own seeds.
+        """
+        seeds = self._validate_call(images, base_views, n_views, seed)
+        if n_views == 1:
+            return base_views.unsqueeze(1)
+        device = base_views.device
+        mean, std = self.mean.to(device), self.std.to(device)
+        views = []
+        for image, image_seed in zip(images, seeds):
+            generator = torch.Generator(device="cpu").manual_seed(image_seed)
+            params = self._sample(generator, n_views - 1, image.shape[-2], image.shape[-1])
+            x = self._augment(image.to(device=device, dtype=torch.float32), params)
+            views.append((x - mean) / std)
+        augmented = torch.stack(views).to(base_views.dtype)
+        return torch.cat([base_views.unsqueeze(1), augmented], dim=1)
+
+    def _validate_call(self, images: Sequence[Tensor], base_views: Tensor, n_views: int,
+                       seed: int | Sequence[int] | None) -> list[int]:
+        """Check shapes; return one seed per image."""
+        size = self.image_size
+        if base_views.ndim != 4 or tuple(base_views.shape[1:]) != (3, size, size):
+            raise ValueError(f"base_views must be [B, 3, {size}, {size}], got {tuple(base_views.shape)}")
+        if len(images) != base_views.shape[0]:
+            raise ValueError(f"images has {len(images)} images but base_views has {base_views.shape[0]}")
+        for image in images:
+            if image.ndim != 3 or image.shape[0] != 3 or min(image.shape[1:]) < 1 \
+                    or not image.is_floating_point():
+                raise ValueError(f"images must be float [3, H, W] tensors, got {image.dtype} "
+                                 f"{tuple(image.shape)}")
+        if isinstance(n_views, bool) or not isinstance(n_views, int) or n_views < 1:
+            raise ValueError(f"n_views must be an int >= 1, got {n_views!r}")
+        if seed is None:
+            return [int(s) for s in torch.randint(0, 2**62, (len(images),))]
+        if isinstance(seed, int) and not isinstance(seed, bool):
+            return [seed + i for i in range(len(images))]
+        seeds = list(seed)
+        if len(seeds) != len(images) or not all(isinstance(s, int) and not isinstance(s, bool)
+                                                 for s in seeds):
+            raise ValueError(f"seed must be an int, None, or {len(images)} ints, got {seed!r}")
+        return seeds
+
+    def _sample(self, g: torch.Generator, n: int, height: int, width: int) -> _Params:
+        """All random draws for n views of one image, in a fixed order from one generator."""
+        boxes = _crop_boxes(g, n, height, width, self.crop_scale)
+        flip = torch.rand(n, generator=g) < 0.5
+        chains, max_depth = self.width, (3 if self.depth == -1 else self.depth)
+        # Dirichlet(1, ..., 1) = normalised Exp(1) draws; Beta(1, 1) = Uniform(0, 1).
+        exp_draws = -torch.log1p(-torch.rand(n, chains, generator=g))
+        mix_weights = exp_draws / exp_draws.sum(dim=-1, keepdim=True)
+        blend = torch.rand(n, generator=g)
+        if self.depth == -1:
+            depth = torch.randint(1, 4, (n, chains), generator=g)
+        else:
+            depth = torch.full((n, chains), self.depth)
+        ops = torch.randint(0, len(_OP_NAMES), (n, chains, max_depth), generator=g)
+        # AugMix sample_level: Uniform(0.1, severity).
+        levels = 0.1 + (self.severity - 0.1) * torch.rand(n, chains, max_depth, generator=g)
+        signs = torch.where(torch.rand(n, chains, max_depth, generator=g) > 0.5, -1.0, 1.0)
+        return _Params(boxes, flip, mix_weights, blend, depth, ops, levels, signs)
+
+    def _augment(self, image: Tensor, p: _Params) -> Tensor:
+        """Crop + flip (+ AugMix) every view of one image: [n, 3, S, S] in [0, 1]."""
+        size = self.image_size
+        crops = torch.cat([
+            F.interpolate(image[None, :, top:top + h, left:left + w], size=(size, size),
+                          mode=self.interpolation, align_corners=False, antialias=True)
+            for top, left, h, w in p.boxes]).clamp_(0.0, 1.0)
+        flip = p.flip.to(image.device).view(-1, 1, 1, 1)
+        crops = torch.where(flip, KT.hflip(crops), crops)
+        if not self.augmix:
+            return crops
+        device = image.device
+        mix = torch.zeros_like(crops)
+        for chain in range(self.width):
+            x = crops.clone()
+            for step in range(p.ops.shape[-1]):
+                for op_index, op in enumerate(_OP_NAMES):
+                    chosen = (p.depth[:, chain] > step) & (p.ops[:, chain, step] == op_index)
+                    if chosen.any():
+                        rows = chosen.nonzero().squeeze(1)
+                        level = p.levels[rows, chain, step].to(device)
+                        sign = p.signs[rows, chain, step].to(device)
+                        at = rows.to(device)
+                        x[at] = _OPS[op](x[at], level, sign)
+            mix += p.mix_weights[:, chain].to(device).view(-1, 1, 1, 1) * x
+        blend = p.blend.to(device).view(-1, 1, 1, 1)
+        return blend * crops + (1 - blend) * mix
+
+
+def _crop_boxes(g: torch.Generator, n: int, height: int, width: int,
+                scale: tuple[float, float]) -> list[tuple[int, int, int, int]]:
+    """torchvision RandomResizedCrop.get_params, vectorised over n views: 10 random tries,
+    the first that fits wins, else a centre crop with the aspect ratio clamped."""
+    area = height * width
+    target = area * (scale[0] + (scale[1] - scale[0]) * torch.rand(n, _CROP_ATTEMPTS, generator=g,
+                                                                   dtype=torch.float64))
+    log_lo, log_hi = math.log(_CROP_RATIO[0]), math.log(_CROP_RATIO[1])
+    aspect = torch.exp(log_lo + (log_hi - log_lo) * torch.rand(n, _CROP_ATTEMPTS, generator=g,
+                                                               dtype=torch.float64))
+    ws = torch.round(torch.sqrt(target * aspect)).long()
+    hs = torch.round(torch.sqrt(target / aspect)).long()
+    offsets = torch.rand(n, 2, generator=g, dtype=torch.float64)
+    boxes = []
+    for v in range(n):
+        fits = ((ws[v] > 0) & (ws[v] <= width) & (hs[v] > 0) & (hs[v] <= height)).nonzero()
+        if len(fits):
+            a = int(fits[0])
+            h, w = int(hs[v, a]), int(ws[v, a])
+            top = int(offsets[v, 0] * (height - h + 1))
+            left = int(offsets[v, 1] * (width - w + 1))
+        else:
+            in_ratio = width / height
+            if in_ratio < _CROP_RATIO[0]:
+                w, h = width, int(round(width / _CROP_RATIO[0]))
+            elif in_ratio > _CROP_RATIO[1]:
+                h, w = height, int(round(height * _CROP_RATIO[1]))
+            else:
+                h, w = height, width
+            top, left = (height - h) // 2, (width - w) // 2
+        boxes.append((top, left, h, w))
+    return boxes
+
+
+def _autocontrast(x: Tensor) -> Tensor:
+    """PIL ImageOps.autocontrast: stretch each channel to [0, 1]; constant channels unchanged."""
+    lo = x.amin(dim=(-2, -1), keepdim=True)
+    hi = x.amax(dim=(-2, -1), keepdim=True)
+    return torch.where(hi > lo, (x - lo) / (hi - lo).clamp_min(1e-12), x)
+
+
+def _shear(x: Tensor, amount: Tensor, axis: int) -> Tensor:
+    pair = [torch.zeros_like(amount), torch.zeros_like(amount)]
+    pair[axis] = amount
+    return KT.shear(x, torch.stack(pair, dim=-1), mode="bilinear")
+
+
+def _translate(x: Tensor, amount: Tensor, axis: int) -> Tensor:
+    pair = [torch.zeros_like(amount), torch.zeros_like(amount)]
+    pair[axis] = amount
+    return KT.translate(x, torch.stack(pair, dim=-1), mode="bilinear")
+
+
+# One AugMix op on a batch [m, 3, S, S] with per-image level / sign [m], as in augmix_ops.py:
+# int_parameter(level, max) = int(level * max / 10), float_parameter likewise without the int.
+# The affine ops use PIL's output->input convention (output(x, y) = input(x + a*y, y) for shear_x),
+# i.e. kornia's forward matrix with the opposite sign; the sign is random anyway.
+_OPS: dict[str, Callable[[Tensor, Tensor, Tensor], Tensor]] = {
+    "autocontrast": lambda x, level, sign: _autocontrast(x),
+    "equalize": lambda x, level, sign: KE.equalize(x),
+    "posterize": lambda x, level, sign: KE.posterize(x, (4 - (level * 4 / 10).floor()).long()),
+    "rotate": lambda x, level, sign: KT.rotate(x, (level * 30 / 10).floor() * sign, mode="bilinear"),
+    "solarize": lambda x, level, sign: KE.solarize(x, (256 - (level * 256 / 10).floor()) / 255),
+    "shear_x": lambda x, level, sign: _shear(x, -(level * 0.3 / 10) * sign, 0),
+    "shear_y": lambda x, level, sign: _shear(x, -(level * 0.3 / 10) * sign, 1),
+    "translate_x": lambda x, level, sign: _translate(x, -(level * x.shape[-1] / 3 / 10).floor() * sign, 0),
+    "translate_y": lambda x, level, sign: _translate(x, -(level * x.shape[-1] / 3 / 10).floor() * sign, 1),
+}
+_OP_NAMES = tuple(_OPS)
