@@ -46,6 +46,11 @@ def _classify_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--server", default="localhost:50051", help="HOST:PORT")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per image")
     p.add_argument("--json", action="store_true", help="one JSON line per image")
+    tta = p.add_argument_group("test-time adaptation (unset values take the model's defaults)")
+    tta.add_argument("--tta", choices=["none", "gs_bias", "zero", "tpt"], default="none")
+    tta.add_argument("--views", type=int, help="views per image, the original included")
+    tta.add_argument("--seed", type=int, help="view sampling seed (same seed, same answer)")
+    tta.add_argument("--skip-entropy", type=float, help="answer zero-shot when normalised entropy is below this")
 
 
 def build_config(args: argparse.Namespace):
@@ -94,12 +99,41 @@ def _print_table(path: str, resp) -> None:
     print(f"{path}  (model {resp.model}, {resp.timings.total_us / 1000:.1f} ms)")
     for rank, s in enumerate(resp.top, 1):
         print(f"  {rank:>2}. {s.label:<30} {s.probability * 100:6.2f}%  logit {s.logit:8.4f}")
+    if resp.zero_shot_top:
+        a = resp.adaptation
+        what = "skipped (confident)" if a.skipped else f"{a.views_encoded} views, {resp.timings.adapt_us / 1000:.1f} ms"
+        print(f"  adaptation: {what}; zero-shot top-1 was {resp.zero_shot_top[0].label} "
+              f"({resp.zero_shot_top[0].probability * 100:.2f}%)")
+
+
+def _scores(top) -> list[dict]:
+    return [{"label": s.label, "probability": s.probability, "logit": s.logit} for s in top]
 
 
 def response_record(path: str, resp) -> dict:
     """The JSON line of one classified image (later fields are added, these stay)."""
-    return {"image": path, "top": [{"label": s.label, "probability": s.probability, "logit": s.logit} for s in resp.top],
-            "model": resp.model, "label_set_id": resp.label_set_id, "request_id": resp.request_id}
+    rec = {"image": path, "top": _scores(resp.top), "model": resp.model, "label_set_id": resp.label_set_id,
+           "request_id": resp.request_id}
+    if resp.zero_shot_top:
+        from adaptclip.v1 import classifier_pb2 as pb
+
+        a = resp.adaptation
+        rec["zero_shot_top"] = _scores(resp.zero_shot_top)
+        rec["adaptation"] = {"method": pb.Adaptation.Method.Name(a.method).lower(), "views_encoded": a.views_encoded,
+                             "skipped": a.skipped, "steps_run": a.steps_run, "global_only": a.global_only,
+                             "normalized_entropy": a.normalized_entropy, "adapt_ms": resp.timings.adapt_us / 1000}
+    return rec
+
+
+def adaptation_from_args(args: argparse.Namespace):
+    """The Adaptation message for --tta/--views/--seed/--skip-entropy (unset flags stay unset)."""
+    from adaptclip.v1 import classifier_pb2 as pb
+
+    msg = pb.Adaptation(method=pb.Adaptation.Method.Value(args.tta.upper()))
+    for flag, name in (("views", "views"), ("seed", "seed"), ("skip_entropy", "skip_entropy")):
+        if getattr(args, flag) is not None:
+            setattr(msg, name, getattr(args, flag))
+    return msg
 
 
 def cmd_classify(args: argparse.Namespace) -> int:
@@ -109,6 +143,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
 
     labels = load_lines(args.labels_file) if args.labels_file else [x.strip() for x in args.labels.split(",") if x.strip()]
     templates = load_lines(args.templates_file) if args.templates_file else []
+    adaptation = adaptation_from_args(args)
     failed = 0
     with Client(args.server, timeout_s=args.timeout) as client:
         try:
@@ -125,7 +160,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
                     data = b""
                     print(f"adaptclip classify: {path}: {exc}", file=sys.stderr)
                 yield classify_request(data, label_set_id=ref.label_set_id, model=args.model, top_k=args.top_k,
-                                       request_id=str(i))
+                                       request_id=str(i), adaptation=adaptation)
 
         try:
             for resp in client.classify_stream(requests(), timeout_s=args.timeout * len(args.images)):

@@ -13,13 +13,15 @@ import torch
 
 from adaptclip.server.errors import RequestError
 
-EncodeFn = Callable[[torch.Tensor], torch.Tensor]
+# (images [N, 3, H, W], with_patches) -> (global features [N, D], patch features [N, P, D] or None)
+EncodeFn = Callable[[torch.Tensor, bool], tuple[torch.Tensor, torch.Tensor | None]]
 
 
 @dataclass
 class _Item:
     images: torch.Tensor  # [n, 3, H, W]
     future: asyncio.Future
+    with_patches: bool = False
     enqueued: float = field(default_factory=time.perf_counter)
     deadline: float | None = None  # perf_counter time after which nobody waits for it
 
@@ -27,6 +29,7 @@ class _Item:
 @dataclass
 class BatchResult:
     features: torch.Tensor  # [n, D] for this item's images
+    patches: torch.Tensor | None  # [n, P, D] when the item asked for them
     queue_us: int
     encode_us: int
     batch_size: int
@@ -53,6 +56,10 @@ class Batcher:
         self.dropped = 0  # items dropped because their caller left
         self.batches = 0
 
+    @property
+    def max_batch(self) -> int:
+        return self._max_batch
+
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())
 
@@ -65,13 +72,18 @@ class Batcher:
                 pass
         self._executor.shutdown(wait=True)
 
-    async def submit(self, images: torch.Tensor, timeout_s: float | None = None) -> BatchResult:
-        """Queue `images` and wait for their features; RESOURCE_EXHAUSTED when the queue is full."""
+    async def submit(self, images: torch.Tensor, timeout_s: float | None = None,
+                     with_patches: bool = False) -> BatchResult:
+        """Queue `images` and wait for their features; RESOURCE_EXHAUSTED when the queue is full.
+
+        Items that want patch features (GS-Bias) share batches with those that do not; the batch
+        then computes them for every row and hands each item what it asked for.
+        """
         n = images.shape[0]
         if self._queued_images + n > self._max_queue:
             raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, "image",
                                f"encoder queue full ({self._queued_images} images waiting, limit {self._max_queue}); retry later")
-        item = _Item(images, asyncio.get_running_loop().create_future())
+        item = _Item(images, asyncio.get_running_loop().create_future(), with_patches)
         if timeout_s is not None:
             item.deadline = item.enqueued + timeout_s
         self._queued_images += n
@@ -137,7 +149,8 @@ class Batcher:
             images = torch.cat([it.images for it in batch]) if len(batch) > 1 else batch[0].images
             start = time.perf_counter()
             try:
-                feats = await loop.run_in_executor(self._executor, self._encode, images)
+                want = any(it.with_patches for it in batch)
+                feats, patches = await loop.run_in_executor(self._executor, self._encode, images, want)
             except Exception as exc:  # noqa: BLE001 - the encoder's failure goes to every caller
                 for it in batch:
                     self._queued_images -= it.images.shape[0]
@@ -151,6 +164,7 @@ class Batcher:
                 n = it.images.shape[0]
                 self._queued_images -= n
                 if not it.future.done():
-                    it.future.set_result(BatchResult(feats[offset:offset + n], int((start - it.enqueued) * 1e6),
+                    mine = patches[offset:offset + n] if it.with_patches else None
+                    it.future.set_result(BatchResult(feats[offset:offset + n], mine, int((start - it.enqueued) * 1e6),
                                                      encode_us, images.shape[0]))
                 offset += n

@@ -22,6 +22,9 @@ class ModelSpec:
     device: str = "auto"  # auto = CUDA when available
     precision: str = "fp32"  # fp32 | fp16 | bf16
     random_init: bool = False  # serve random weights: only for tests and speed benchmarks
+    # Test-time adaptation defaults for this model (AdaptSettings fields), e.g. milder crops for
+    # 32-px inputs: {"crop_scale": [0.35, 1.0], "augmix": false}.
+    adaptation: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

@@ -13,6 +13,8 @@ import open_clip
 import torch
 from PIL import Image
 
+from adaptclip.adapt.settings import AdaptSettings, settings_from_dict
+from adaptclip.adapt.features import image_features, supports_patches
 from adaptclip.server.batcher import Batcher
 from adaptclip.server.config import BatchingConfig, ModelSpec
 
@@ -70,15 +72,23 @@ class HostedModel:
     image_size: int
     logit_scale: float
     logit_bias: float | None
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    adapt_defaults: AdaptSettings
     batcher: Batcher | None = None
     _executor: concurrent.futures.ThreadPoolExecutor = field(
         default_factory=lambda: concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="text"))
 
     @torch.inference_mode()
-    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """[N, 3, H, W] preprocessed -> [N, D] fp32 features on CPU (not normalised: Embed may want them raw)."""
-        feats = self.model.encode_image(images.to(self.device, self.dtype))
-        return feats.float().cpu()
+    def encode_images(self, images: torch.Tensor, with_patches: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """[N, 3, H, W] preprocessed -> fp32 CPU features [N, D] (+ patches [N, P, D]), not normalised."""
+        feats, patches = image_features(self.model, images.to(self.device, self.dtype),
+                                        with_patches and self.has_patches)
+        return feats.float().cpu(), None if patches is None else patches.float().cpu()
+
+    @property
+    def has_patches(self) -> bool:
+        return supports_patches(self.model)
 
     @torch.inference_mode()
     def encode_texts(self, texts: list[str], normalize: bool = True) -> torch.Tensor:
@@ -132,12 +142,19 @@ def load_model(spec: ModelSpec) -> HostedModel:
     if isinstance(image_size, (tuple, list)):
         image_size = int(image_size[0])
     bias = getattr(model, "logit_bias", None)
+    pre_cfg = open_clip.get_model_preprocess_cfg(model)
+    try:
+        adapt_defaults = settings_from_dict(dict(spec.adaptation))
+    except ValueError as exc:
+        raise ModelLoadError(f"model '{spec.name or name}': {exc}") from None
     return HostedModel(
         name=spec.name or name, spec=spec, model=model, preprocess=preprocess,
         tokenizer=open_clip.get_tokenizer(name), device=device, dtype=_DTYPES[spec.precision],
         fingerprint=state_fingerprint(model), embed_dim=int(cfg.get("embed_dim", 0)) or int(model.text_projection.shape[-1]),
         image_size=int(image_size), logit_scale=float(model.logit_scale.exp().item()),
-        logit_bias=float(bias.item()) if bias is not None else None)
+        logit_bias=float(bias.item()) if bias is not None else None,
+        mean=tuple(float(x) for x in pre_cfg.get("mean", open_clip.OPENAI_DATASET_MEAN)),
+        std=tuple(float(x) for x in pre_cfg.get("std", open_clip.OPENAI_DATASET_STD)), adapt_defaults=adapt_defaults)
 
 
 def attach_batcher(hosted: HostedModel, cfg: BatchingConfig) -> None:

@@ -11,6 +11,7 @@ import grpc
 import open_clip
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 import adaptclip
 from adaptclip.server.config import ServerConfig
@@ -18,6 +19,7 @@ from adaptclip.server.decode import decode_image
 from adaptclip.server.errors import RequestError, invalid, not_found
 from adaptclip.server.labels import LabelSetDef, LabelSetStore, validate_label_set
 from adaptclip.server.models import HostedModel
+from adaptclip.server.tta import classify_with_adaptation, settings_from_request, settings_to_proto
 from adaptclip.v1 import classifier_pb2 as pb
 from adaptclip.v1 import classifier_pb2_grpc as pb_grpc
 
@@ -65,12 +67,12 @@ class ClassifierService(pb_grpc.ClassifierServicer):
                                                       self.cfg.limits, "label_set"))
         raise invalid("label_set", "no labels given: set label_set (inline labels) or label_set_id")
 
-    def _preprocess(self, hosted: HostedModel, data: bytes, field: str) -> torch.Tensor:
+    def _preprocess(self, hosted: HostedModel, data: bytes, field: str) -> tuple[Image.Image, torch.Tensor]:
         img = decode_image(data, max_bytes=self.cfg.limits.max_image_bytes,
                            max_pixels=self.cfg.limits.max_image_pixels, field=field)
-        return hosted.preprocess(img)
+        return img, hosted.preprocess(img)
 
-    async def _pixels(self, hosted: HostedModel, data: bytes, field: str = "image") -> torch.Tensor:
+    async def _decode(self, hosted: HostedModel, data: bytes, field: str = "image") -> tuple[Image.Image, torch.Tensor]:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._pre_pool, self._preprocess, hosted, data, field)
 
@@ -80,31 +82,32 @@ class ClassifierService(pb_grpc.ClassifierServicer):
         hosted = self._model(req.model)
         if req.top_k < 0:
             raise invalid("top_k", f"must be >= 0, got {req.top_k}")
-        if req.adaptation.method not in (pb.Adaptation.METHOD_UNSPECIFIED, pb.Adaptation.NONE):
-            raise invalid("adaptation.method", f"unknown method {req.adaptation.method}")
+        settings = settings_from_request(req.adaptation, hosted.adapt_defaults)
         ls = self._label_set(req)
         if not req.image:
             raise invalid("image", "empty image bytes")
         classifier_task = asyncio.ensure_future(self.labels.classifier(hosted, ls))
         try:
-            pixels = await self._pixels(hosted, req.image)
+            img, pixels = await self._decode(hosted, req.image)
         except BaseException:
             classifier_task.cancel()
             raise
         decoded = time.perf_counter()
-        result = await hosted.batcher.submit(pixels.unsqueeze(0), timeout_s=context.time_remaining())
         classifier = await classifier_task
-        logits = hosted.logits(F.normalize(result.features, dim=-1), classifier)[0]
-        probs = logits.softmax(-1)
+        out = await classify_with_adaptation(hosted, img, pixels, classifier, ls.labels, settings,
+                                             context.time_remaining(), self._pre_pool)
         k = min(req.top_k or DEFAULT_TOP_K, len(ls.labels))
-        top = torch.topk(probs, k)
-        resp = pb.ClassifyResponse(model=hosted.name, label_set_id=ls.id, request_id=req.request_id)
-        for p, i in zip(top.values.tolist(), top.indices.tolist()):
-            resp.top.add(label=ls.labels[i], probability=p, logit=float(logits[i]), index=i)
-        resp.timings.decode_us = int((decoded - start) * 1e6)
-        resp.timings.queue_us = result.queue_us
-        resp.timings.encode_us = result.encode_us
-        resp.timings.total_us = int((time.perf_counter() - start) * 1e6)
+        resp = pb.ClassifyResponse(model=hosted.name, label_set_id=ls.id, request_id=req.request_id,
+                                   adaptation=out.report)
+        if out.result is None:
+            _fill_top(resp.top, ls.labels, out.zero_shot, out.zero_shot.softmax(-1), k)
+        else:
+            _fill_top(resp.top, ls.labels, out.result.logits, out.result.probs, k)
+        if settings.method != "none":
+            _fill_top(resp.zero_shot_top, ls.labels, out.zero_shot, out.zero_shot.softmax(-1), k)
+        t = resp.timings
+        t.decode_us, t.queue_us, t.encode_us, t.adapt_us = int((decoded - start) * 1e6), out.queue_us, out.encode_us, out.adapt_us
+        t.total_us = int((time.perf_counter() - start) * 1e6)
         return resp
 
     async def Classify(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext) -> pb.ClassifyResponse:
@@ -169,8 +172,8 @@ class ClassifierService(pb_grpc.ClassifierServicer):
                 raise invalid("texts", f"{len(request.texts)} texts is over the limit of {limit}")
             resp = pb.EmbedResponse(model=hosted.name, dim=hosted.embed_dim)
             if request.images:
-                pixels = await asyncio.gather(*(self._pixels(hosted, d, f"images[{i}]") for i, d in enumerate(request.images)))
-                result = await hosted.batcher.submit(torch.stack(pixels), timeout_s=context.time_remaining())
+                decoded = await asyncio.gather(*(self._decode(hosted, d, f"images[{i}]") for i, d in enumerate(request.images)))
+                result = await hosted.batcher.submit(torch.stack([p for _, p in decoded]), timeout_s=context.time_remaining())
                 feats = F.normalize(result.features, dim=-1) if request.normalize else result.features
                 for row in feats.tolist():
                     resp.image_embeddings.add(values=row)
@@ -195,8 +198,15 @@ class ClassifierService(pb_grpc.ClassifierServicer):
             info.models.add(name=m.name, is_default=m.name == self.default_model, embed_dim=m.embed_dim,
                             image_size=m.image_size, pretrained=_pretrained_label(m), fingerprint=m.fingerprint,
                             device=str(m.device), precision=m.spec.precision, logit_scale=m.logit_scale,
-                            random_init=m.spec.random_init)
+                            random_init=m.spec.random_init, adaptation=settings_to_proto(m.adapt_defaults))
         return info
+
+
+def _fill_top(field, labels: tuple[str, ...], logits: torch.Tensor, probs: torch.Tensor, k: int) -> None:
+    """Top-k by probability, ties broken by logit (ZERO's votes tie often)."""
+    order = sorted(range(len(labels)), key=lambda i: (-float(probs[i]), -float(logits[i])))[:k]
+    for i in order:
+        field.add(label=labels[i], probability=float(probs[i]), logit=float(logits[i]), index=i)
 
 
 def _pretrained_label(m: HostedModel) -> str:

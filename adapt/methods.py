@@ -1,0 +1,84 @@
+"""One entry point for every adaptation method over already-encoded views.
+
+The server and the benchmarks both call `adapt_views`, so what is measured is what is served.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from adaptclip.adapt.gsbias import gs_bias
+from adaptclip.adapt.peers import tpt_logits, zero_logits
+from adaptclip.adapt.settings import AdaptSettings
+
+
+@dataclass(frozen=True)
+class MethodResult:
+    logits: Tensor  # [C] adapted logits (ZERO: mean logit of its kept views)
+    probs: Tensor  # [C] (ZERO: its vote shares)
+    steps_run: int
+    global_only: bool
+
+
+@dataclass(frozen=True)
+class TextSide:
+    """What TPT needs to re-run the text tower: the model, its tokenizer and the class names."""
+
+    model: nn.Module
+    tokenizer: Callable[[Sequence[str]], Tensor]
+    labels: Sequence[str]
+
+
+def normalized_entropy(logits: Tensor) -> float:
+    """Entropy of softmax(logits) divided by log(C): 0 = certain, 1 = uniform."""
+    if logits.shape[-1] < 2:
+        return 0.0
+    logp = torch.log_softmax(logits.float(), -1)
+    return float(-(logp.exp() * logp).sum(-1) / math.log(logits.shape[-1]))
+
+
+def kept_views(view_logits: Tensor, ratio: float) -> Tensor:
+    """Indices of the max(1, int(V * ratio)) lowest-entropy views (stable order)."""
+    logp = torch.log_softmax(view_logits, -1)
+    entropy = -(logp.exp() * logp).sum(-1)
+    k = max(1, int(view_logits.shape[0] * ratio))
+    return torch.argsort(entropy, stable=True)[:k]
+
+
+def views_agree(view_logits: Tensor, ratio: float) -> bool:
+    """True when the confidence-selected views all predict the same class (early exit for chunks)."""
+    top = view_logits[kept_views(view_logits, ratio)].argmax(-1)
+    return bool((top == top[0]).all())
+
+
+def adapt_views(settings: AdaptSettings, view_feats: Tensor, patch_feats: Tensor | None, classifier: Tensor,
+                logit_scale: float, text: TextSide | None = None) -> MethodResult:
+    """Adapted prediction for one image from its V view features ([V, D], view 0 the original).
+
+    view_feats / patch_feats ([P, D] of view 0, or None) may be unnormalised: they are
+    L2-normalised here. GS-Bias without patch features adapts the global bias only.
+    """
+    feats = F.normalize(view_feats.float(), dim=-1)
+    view_logits = logit_scale * feats @ classifier.T
+    if settings.method == "gs_bias":
+        patches = None if patch_feats is None else F.normalize(patch_feats.float(), dim=-1)
+        res = gs_bias(feats, patches, classifier, logit_scale=logit_scale, selection_ratio=settings.ratio,
+                      steps=settings.steps, alpha=settings.alpha, beta=settings.beta,
+                      top_k_patches=settings.spatial_top_k)
+        return MethodResult(res.logits, res.logits.softmax(-1), int(res.steps_run), patches is None)
+    if settings.method == "zero":
+        votes = zero_logits(view_logits, settings.ratio)
+        mean_kept = view_logits[kept_views(view_logits, settings.ratio)].mean(0)
+        return MethodResult(mean_kept, votes, 0, False)
+    if settings.method == "tpt":
+        if text is None:
+            raise ValueError("TPT needs the text tower (TextSide)")
+        logits = tpt_logits(text.model, text.tokenizer, list(text.labels), feats, logit_scale=logit_scale,
+                            lr=settings.tpt_lr, steps=settings.steps, selection_ratio=settings.ratio)
+        return MethodResult(logits.detach().float(), logits.detach().float().softmax(-1), settings.steps, False)
+    raise ValueError(f"no adaptation for method {settings.method!r}")

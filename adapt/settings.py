@@ -1,0 +1,86 @@
+"""Test-time adaptation settings: the official GS-Bias ImageNet values as defaults, per-model overridable."""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+METHODS = ("none", "gs_bias", "zero", "tpt")
+# Each method's own default selection ratio (GS-Bias and TPT: 10 % of 64 views; ZERO: 30 %).
+METHOD_RATIO = {"none": 0.1, "gs_bias": 0.1, "zero": 0.3, "tpt": 0.1}
+MAX_VIEWS = 1024
+MAX_STEPS = 100
+
+
+@dataclass(frozen=True)
+class AdaptSettings:
+    method: str = "none"
+    views: int = 64
+    selection_ratio: float | None = None  # None = the method's own default (METHOD_RATIO)
+    steps: int = 1
+    alpha: float = 10.0
+    beta: float = 1.0
+    spatial_top_k: int = 16
+    seed: int = 0
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    augmix: bool = True
+    skip_entropy: float = 0.0  # answer zero-shot when the original view's normalised entropy is below
+    view_chunk: int = 0  # encode views in chunks, stop once the selected views agree; 0 = one batch
+    tpt_lr: float = 5e-3
+
+    @property
+    def ratio(self) -> float:
+        return METHOD_RATIO[self.method] if self.selection_ratio is None else self.selection_ratio
+
+    def replace(self, **changes: Any) -> AdaptSettings:
+        return dataclasses.replace(self, **changes)
+
+    def validate(self, prefix: str = "adaptation") -> AdaptSettings:
+        """Raise ValueError('<prefix>.<field>: ...') for the first bad field; return self."""
+        def bad(name: str, why: str) -> ValueError:
+            return ValueError(f"{prefix}.{name}: {why}")
+
+        def finite(name: str, value: float) -> float:
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise bad(name, f"must be a finite number, got {value!r}")
+            return float(value)
+
+        if self.method not in METHODS:
+            raise bad("method", f"unknown method {self.method!r}; one of {', '.join(METHODS)}")
+        if not 1 <= self.views <= MAX_VIEWS:
+            raise bad("views", f"must be in 1..{MAX_VIEWS}, got {self.views}")
+        if self.selection_ratio is not None and not 0.0 < finite("selection_ratio", self.selection_ratio) <= 1.0:
+            raise bad("selection_ratio", f"must be in (0, 1], got {self.selection_ratio}")
+        if not 0 <= self.steps <= MAX_STEPS:
+            raise bad("steps", f"must be in 0..{MAX_STEPS}, got {self.steps}")
+        if finite("alpha", self.alpha) < 0:
+            raise bad("alpha", f"must be >= 0, got {self.alpha}")
+        if finite("beta", self.beta) < 0:
+            raise bad("beta", f"must be >= 0, got {self.beta}")
+        if self.spatial_top_k < 1:
+            raise bad("spatial_top_k", f"must be >= 1, got {self.spatial_top_k}")
+        lo, hi = (finite("crop_scale_min", self.crop_scale[0]), finite("crop_scale_max", self.crop_scale[1]))
+        if not 0.0 < lo <= 1.0:
+            raise bad("crop_scale_min", f"must be in (0, 1], got {lo}")
+        if not lo <= hi <= 1.0:
+            raise bad("crop_scale_max", f"must be in [crop_scale_min, 1], got {hi}")
+        if not 0.0 <= finite("skip_entropy", self.skip_entropy) <= 1.0:
+            raise bad("skip_entropy", f"must be in [0, 1], got {self.skip_entropy}")
+        if not 0 <= self.view_chunk <= MAX_VIEWS:
+            raise bad("view_chunk", f"must be in 0..{MAX_VIEWS}, got {self.view_chunk}")
+        if finite("tpt_lr", self.tpt_lr) <= 0:
+            raise bad("tpt_lr", f"must be > 0, got {self.tpt_lr}")
+        return self
+
+
+def settings_from_dict(data: dict[str, Any], base: AdaptSettings | None = None) -> AdaptSettings:
+    """Per-model overrides from the server config (`adaptation:` in a model entry)."""
+    base = base or AdaptSettings()
+    names = {f.name for f in dataclasses.fields(AdaptSettings)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"unknown adaptation setting(s): {', '.join(unknown)}")
+    if "crop_scale" in data:
+        data = dict(data, crop_scale=tuple(float(x) for x in data["crop_scale"]))
+    return base.replace(**data).validate("adaptation")
