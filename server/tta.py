@@ -19,7 +19,7 @@ from adaptclip.server.errors import invalid
 from adaptclip.server.models import HostedModel
 from adaptclip.v1 import classifier_pb2 as pb
 
-METHOD_NAMES = {pb.Adaptation.METHOD_UNSPECIFIED: "none", pb.Adaptation.NONE: "none",
+METHOD_NAMES = {pb.Adaptation.NONE: "none",
                 pb.Adaptation.GS_BIAS: "gs_bias", pb.Adaptation.ZERO: "zero", pb.Adaptation.TPT: "tpt"}
 METHOD_ENUMS = {"none": pb.Adaptation.NONE, "gs_bias": pb.Adaptation.GS_BIAS, "zero": pb.Adaptation.ZERO,
                 "tpt": pb.Adaptation.TPT}
@@ -30,8 +30,9 @@ MAX_VIEW_SIDE = 4  # huge photos are shrunk to 4x the input size (short side) be
 
 def settings_from_request(msg: pb.Adaptation, defaults: AdaptSettings) -> AdaptSettings:
     """Request fields over the model's defaults; INVALID_ARGUMENT naming the first bad field."""
-    if msg.method not in METHOD_NAMES:
+    if msg.method != pb.Adaptation.METHOD_UNSPECIFIED and msg.method not in METHOD_NAMES:
         raise invalid("adaptation.method", f"unknown method {msg.method}")
+    method = METHOD_NAMES.get(msg.method, defaults.method)
     changes = {name: getattr(msg, name) for name in _OPTIONAL if msg.HasField(name)}
     lo, hi = defaults.crop_scale
     if msg.HasField("crop_scale_min"):
@@ -39,7 +40,7 @@ def settings_from_request(msg: pb.Adaptation, defaults: AdaptSettings) -> AdaptS
     if msg.HasField("crop_scale_max"):
         hi = msg.crop_scale_max
     try:
-        return defaults.replace(method=METHOD_NAMES[msg.method], crop_scale=(lo, hi), **changes).validate()
+        return defaults.replace(method=method, crop_scale=(lo, hi), **changes).validate()
     except ValueError as exc:
         field, _, why = str(exc).partition(": ")
         raise invalid(field, why) from None

@@ -127,6 +127,23 @@ def test_classify_cli_json_and_table(server, tmp_path):
     assert "missing.jpg" in table.stderr
 
 
+def test_classify_cli_with_tta(server, tmp_path):
+    img = tmp_path / "a.png"
+    img.write_bytes(make_image(77))
+    proc = _run("classify", str(img), "--labels", ",".join(LABELS), "--server", server.target, "--json",
+                "--tta", "gs_bias", "--views", "6", "--seed", "4")
+    assert proc.returncode == 0, proc.stderr
+    rec = json.loads(proc.stdout)
+    assert rec["adaptation"]["method"] == "gs_bias" and rec["adaptation"]["views_encoded"] == 6
+    assert {t["label"] for t in rec["zero_shot_top"]} <= set(LABELS) and rec["top"]
+    again = json.loads(_run("classify", str(img), "--labels", ",".join(LABELS), "--server", server.target, "--json",
+                            "--tta", "gs_bias", "--views", "6", "--seed", "4").stdout)
+    assert again["top"] == rec["top"]
+    table = _run("classify", str(img), "--labels", ",".join(LABELS), "--server", server.target, "--tta", "zero",
+                 "--views", "4")
+    assert "adaptation: 4 views" in table.stdout and "zero-shot top-1 was" in table.stdout
+
+
 def test_cli_help_lists_commands():
     proc = _run("--help")
     assert proc.returncode == 0 and "serve" in proc.stdout and "classify" in proc.stdout
