@@ -23,6 +23,8 @@ class MethodResult:
     probs: Tensor  # [C] (ZERO: its vote shares)
     steps_run: int
     global_only: bool
+    global_bias: Tensor | None = None  # GS-Bias's learned biases [C], kept with the cached result
+    spatial_bias: Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -70,7 +72,8 @@ def adapt_views(settings: AdaptSettings, view_feats: Tensor, patch_feats: Tensor
         res = gs_bias(feats, patches, classifier, logit_scale=logit_scale, selection_ratio=settings.ratio,
                       steps=settings.steps, alpha=settings.alpha, beta=settings.beta,
                       top_k_patches=settings.spatial_top_k)
-        return MethodResult(res.logits, res.logits.softmax(-1), int(res.steps_run), patches is None)
+        return MethodResult(res.logits, res.logits.softmax(-1), int(res.steps_run), patches is None,
+                            res.global_bias, res.spatial_bias)
     if settings.method == "zero":
         votes = zero_logits(view_logits, settings.ratio)
         mean_kept = view_logits[kept_views(view_logits, settings.ratio)].mean(0)

@@ -31,6 +31,10 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-image-bytes", type=int)
     p.add_argument("--max-image-pixels", type=int)
     p.add_argument("--max-labels", type=int)
+    p.add_argument("--redis-url", help="cache adaptation state in Redis (default: in-process LRU)")
+    p.add_argument("--cache-bytes", type=int, dest="cache_max_bytes", help="in-process cache budget in bytes")
+    p.add_argument("--cache-ttl", type=int, dest="cache_ttl_s", help="Redis entry lifetime in seconds")
+    p.add_argument("--no-cache", action="store_true", help="no caching at all")
     p.add_argument("--log-level", default="INFO")
 
 
@@ -73,6 +77,11 @@ def build_config(args: argparse.Namespace):
                          ("max_image_bytes", cfg.limits), ("max_image_pixels", cfg.limits), ("max_labels", cfg.limits)):
         if getattr(args, attr) is not None:
             setattr(target, attr, getattr(args, attr))
+    for attr, target_attr in (("redis_url", "redis_url"), ("cache_max_bytes", "max_bytes"), ("cache_ttl_s", "ttl_s")):
+        if getattr(args, attr, None) is not None:
+            setattr(cfg.cache, target_attr, getattr(args, attr))
+    if getattr(args, "no_cache", False):
+        cfg.cache.enabled = False
     return cfg
 
 

@@ -9,7 +9,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from adaptclip.server.config import ServerConfig
+from adaptclip.server.cache import Cache, MemoryBackend, RedisBackend
+from adaptclip.server.config import CacheConfig, ServerConfig
 from adaptclip.server.models import HostedModel, attach_batcher, load_model, warm_up
 from adaptclip.server.service import ClassifierService
 from adaptclip.v1 import classifier_pb2 as pb
@@ -36,6 +37,15 @@ def load_models(cfg: ServerConfig) -> list[HostedModel]:
     return hosted
 
 
+def make_cache(cfg: CacheConfig) -> Cache | None:
+    """Redis when a URL is configured, else the in-process LRU; None when caching is off."""
+    if not cfg.enabled:
+        return None
+    timeout = cfg.timeout_ms / 1000
+    backend = RedisBackend(cfg.redis_url, cfg.ttl_s, timeout) if cfg.redis_url else MemoryBackend(cfg.max_bytes)
+    return Cache(backend, timeout_s=timeout, retry_after_s=cfg.retry_after_s)
+
+
 class App:
     """A running server. `start()` binds the port at once (health NOT_SERVING); models load after."""
 
@@ -59,6 +69,7 @@ class App:
             raise OSError(f"cannot bind {self.cfg.host}:{self.cfg.port}")
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.service.cache = make_cache(self.cfg.cache)
         await self.server.start()
         log.info("listening on %s:%d (NOT_SERVING until models are loaded)", self.cfg.host, self.port)
         return self.port

@@ -45,12 +45,23 @@ class BatchingConfig:
 
 
 @dataclass
+class CacheConfig:
+    enabled: bool = True
+    redis_url: str | None = None  # e.g. redis://localhost:6379/0; None = in-process LRU
+    max_bytes: int = 512 * 1024 * 1024  # in-process LRU budget
+    ttl_s: int = 24 * 3600  # Redis entry lifetime (0 = none; rely on allkeys-lru)
+    timeout_ms: float = 50.0  # per cache call; past it the request computes instead
+    retry_after_s: float = 1.0  # after a Redis error, skip it this long before trying again
+
+
+@dataclass
 class ServerConfig:
     host: str = "[::]"
     port: int = 50051
     models: list[ModelSpec] = field(default_factory=lambda: [ModelSpec()])
     limits: Limits = field(default_factory=Limits)
     batching: BatchingConfig = field(default_factory=BatchingConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
     label_set_cache_size: int = 256  # label sets kept (classifiers per model)
     preprocess_workers: int = 2  # threads decoding and preprocessing images
     grace_period_s: float = 30.0  # SIGTERM: how long in-flight work may take to finish
@@ -80,7 +91,8 @@ def load_config(path: str | Path | None) -> ServerConfig:
     models = [_build(ModelSpec, dict(m), f"models[{i}]") for i, m in enumerate(raw.pop("models", []) or [])]
     limits = _build(Limits, dict(raw.pop("limits", {}) or {}), "limits")
     batching = _build(BatchingConfig, dict(raw.pop("batching", {}) or {}), "batching")
+    cache = _build(CacheConfig, dict(raw.pop("cache", {}) or {}), "cache")
     cfg = _build(ServerConfig, raw, "config")
     cfg.models = models or [ModelSpec()]
-    cfg.limits, cfg.batching = limits, batching
+    cfg.limits, cfg.batching, cfg.cache = limits, batching, cache
     return cfg

@@ -9,16 +9,21 @@ from PIL import Image, UnidentifiedImageError
 from adaptclip.server.errors import invalid
 
 
+def check_image_bytes(data: bytes, max_bytes: int, field: str = "image") -> None:
+    """The checks that need no decoding: present, and within the byte limit."""
+    if not data:
+        raise invalid(field, "empty image bytes")
+    if len(data) > max_bytes:
+        raise invalid(field, f"{len(data)} bytes is over the limit of {max_bytes} bytes")
+
+
 def decode_image(data: bytes, *, max_bytes: int, max_pixels: int, field: str = "image") -> Image.Image:
     """Decode an encoded image to RGB; raise INVALID_ARGUMENT naming `field` when it is bad.
 
     The size is read from the header first, so an oversized image (or a decompression bomb)
     is refused without allocating its pixels.
     """
-    if not data:
-        raise invalid(field, "empty image bytes")
-    if len(data) > max_bytes:
-        raise invalid(field, f"{len(data)} bytes is over the limit of {max_bytes} bytes")
+    check_image_bytes(data, max_bytes, field)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)

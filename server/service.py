@@ -15,11 +15,14 @@ from PIL import Image
 
 import adaptclip
 from adaptclip.server.config import ServerConfig
-from adaptclip.server.decode import decode_image
+from adaptclip.server.decode import check_image_bytes, decode_image
 from adaptclip.server.errors import RequestError, invalid, not_found
 from adaptclip.server.labels import LabelSetDef, LabelSetStore, validate_label_set
 from adaptclip.server.models import HostedModel
-from adaptclip.server.tta import classify_with_adaptation, settings_from_request, settings_to_proto
+from adaptclip.server.cache import Cache
+from adaptclip.server.results import adapted_from_entry, entry_from_adapted
+from adaptclip.server.tta import (ImageViews, classify_with_adaptation, feature_key, image_digest, result_key,
+                                  settings_from_request, settings_to_proto)
 from adaptclip.v1 import classifier_pb2 as pb
 from adaptclip.v1 import classifier_pb2_grpc as pb_grpc
 
@@ -34,6 +37,7 @@ class ClassifierService(pb_grpc.ClassifierServicer):
         self.models: dict[str, HostedModel] = {}
         self.default_model = ""
         self.labels = LabelSetStore(cfg.label_set_cache_size)
+        self.cache: Cache | None = None
         self._pre_pool = concurrent.futures.ThreadPoolExecutor(cfg.preprocess_workers, thread_name_prefix="decode")
         self.ready = asyncio.Event()
 
@@ -47,6 +51,8 @@ class ClassifierService(pb_grpc.ClassifierServicer):
             if m.batcher is not None:
                 await m.batcher.close()
             m.close()
+        if self.cache is not None:
+            await self.cache.close()
         self._pre_pool.shutdown(wait=False, cancel_futures=True)
 
     # -- lookups ----------------------------------------------------------------------------
@@ -84,30 +90,40 @@ class ClassifierService(pb_grpc.ClassifierServicer):
             raise invalid("top_k", f"must be >= 0, got {req.top_k}")
         settings = settings_from_request(req.adaptation, hosted.adapt_defaults)
         ls = self._label_set(req)
-        if not req.image:
-            raise invalid("image", "empty image bytes")
-        classifier_task = asyncio.ensure_future(self.labels.classifier(hosted, ls))
-        try:
-            img, pixels = await self._decode(hosted, req.image)
-        except BaseException:
-            classifier_task.cancel()
-            raise
-        decoded = time.perf_counter()
-        classifier = await classifier_task
-        out = await classify_with_adaptation(hosted, img, pixels, classifier, ls.labels, settings,
-                                             context.time_remaining(), self._pre_pool)
+        check_image_bytes(req.image, self.cfg.limits.max_image_bytes)
+        fkey = feature_key(hosted.fingerprint, image_digest(req.image), settings)
+        rkey = result_key(fkey, ls.id, settings)
         k = min(req.top_k or DEFAULT_TOP_K, len(ls.labels))
-        resp = pb.ClassifyResponse(model=hosted.name, label_set_id=ls.id, request_id=req.request_id,
-                                   adaptation=out.report)
+        resp = pb.ClassifyResponse(model=hosted.name, label_set_id=ls.id, request_id=req.request_id)
+        cached = await self.cache.get("result", rkey) if self.cache else None
+        if cached is not None and (out := adapted_from_entry(cached, len(ls.labels))) is not None:
+            resp.cache_hit, resp.cache_level = True, pb.CACHE_RESULT
+        else:
+            classifier_task = asyncio.ensure_future(self.labels.classifier(hosted, ls))
+            entry = await self.cache.get("features", fkey) if self.cache else None
+            views = ImageViews(hosted, settings, lambda: self._decode(hosted, req.image), context.time_remaining(),
+                               self._pre_pool, entry)
+            try:
+                classifier = await classifier_task
+                out = await classify_with_adaptation(hosted, views, classifier, ls.labels, settings, self._pre_pool)
+            finally:
+                classifier_task.cancel()
+            if self.cache:
+                if views.dirty:
+                    await self.cache.put("features", fkey, views.entry(), {"views": settings.views})
+                await self.cache.put("result", rkey, *entry_from_adapted(out))
+            if views.from_cache:
+                resp.cache_hit, resp.cache_level = True, pb.CACHE_FEATURES
+            t = resp.timings
+            t.decode_us, t.queue_us, t.encode_us, t.adapt_us = views.decode_us, views.queue_us, views.encode_us, out.adapt_us
+        resp.adaptation.CopyFrom(out.report)
         if out.result is None:
             _fill_top(resp.top, ls.labels, out.zero_shot, out.zero_shot.softmax(-1), k)
         else:
             _fill_top(resp.top, ls.labels, out.result.logits, out.result.probs, k)
         if settings.method != "none":
             _fill_top(resp.zero_shot_top, ls.labels, out.zero_shot, out.zero_shot.softmax(-1), k)
-        t = resp.timings
-        t.decode_us, t.queue_us, t.encode_us, t.adapt_us = int((decoded - start) * 1e6), out.queue_us, out.encode_us, out.adapt_us
-        t.total_us = int((time.perf_counter() - start) * 1e6)
+        resp.timings.total_us = int((time.perf_counter() - start) * 1e6)
         return resp
 
     async def Classify(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext) -> pb.ClassifyResponse:

@@ -3,9 +3,15 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
+import hashlib
+import json
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import lru_cache
+
+import numpy as np
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +21,7 @@ from PIL import Image
 from adaptclip.adapt.methods import MethodResult, TextSide, adapt_views, normalized_entropy, views_agree
 from adaptclip.adapt.settings import AdaptSettings
 from adaptclip.adapt.views import ViewGenerator
+from adaptclip.server.cache import SCHEMA
 from adaptclip.server.errors import invalid
 from adaptclip.server.models import HostedModel
 from adaptclip.v1 import classifier_pb2 as pb
@@ -71,26 +78,122 @@ def render_views(hosted: HostedModel, img: Image.Image, view0: torch.Tensor, s: 
     return views.cpu()
 
 
+def image_digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:32]
+
+
+def _digest(obj: object) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def feature_key(fingerprint: str, image_hash: str, s: AdaptSettings) -> str:
+    """Key of an image's view features: model weights, image bytes and everything that shapes the views."""
+    views = "v1" if s.method == "none" else _digest(
+        {"views": s.views, "seed": s.seed, "crop": list(s.crop_scale), "augmix": s.augmix})
+    return f"adaptclip:{SCHEMA}:features:{fingerprint}:{image_hash}:{views}"
+
+
+def result_key(feat_key: str, label_set_id: str, s: AdaptSettings) -> str:
+    """Key of a final answer: the features' key plus the label set and the adaptation's own settings."""
+    settings = {"method": s.method} if s.method == "none" else {
+        "method": s.method, "ratio": s.ratio, "steps": s.steps, "alpha": s.alpha, "beta": s.beta,
+        "top_k": s.spatial_top_k, "skip": s.skip_entropy, "chunk": s.view_chunk, "lr": s.tpt_lr}
+    return feat_key.replace(":features:", ":result:", 1) + f":{label_set_id}:{_digest(settings)}"
+
+
+def _fp16(x: torch.Tensor) -> torch.Tensor:
+    """Augmented-view and patch features are cached as fp16; a miss rounds them the same way, so a
+    hit answers exactly as the miss did. View 0 stays fp32 (zero-shot parity with open_clip)."""
+    return x.half().float()
+
+
+class ImageViews:
+    """One image's view features: from the cache when there, decoding and encoding only what is missing."""
+
+    def __init__(self, hosted: HostedModel, s: AdaptSettings, decode: Callable[[], Awaitable[tuple[Image.Image, torch.Tensor]]],
+                 timeout_s: float | None, pool: concurrent.futures.Executor,
+                 cached: tuple[dict[str, np.ndarray], dict] | None = None) -> None:
+        self.hosted, self.s, self._decode, self.timeout_s, self.pool = hosted, s, decode, timeout_s, pool
+        self.feats: torch.Tensor | None = None  # [n, D], view 0 first
+        self.patches: torch.Tensor | None = None  # [P, D] of view 0
+        self.from_cache = cached is not None
+        if cached is not None:
+            arrays, _ = cached
+            self.feats = torch.cat([torch.from_numpy(arrays["view0"].copy()),
+                                    torch.from_numpy(arrays["views"].astype(np.float32))])
+            if "patches" in arrays:
+                self.patches = torch.from_numpy(arrays["patches"].astype(np.float32))
+        self._img: Image.Image | None = None
+        self._view0: torch.Tensor | None = None
+        self._rendered: torch.Tensor | None = None
+        self.dirty = False
+        self.decode_us = self.queue_us = self.encode_us = 0
+
+    async def _decoded(self) -> tuple[Image.Image, torch.Tensor]:
+        if self._img is None:
+            start = time.perf_counter()
+            self._img, self._view0 = await self._decode()
+            self.decode_us = int((time.perf_counter() - start) * 1e6)
+        return self._img, self._view0
+
+    async def original(self, with_patches: bool) -> torch.Tensor:
+        """Features [D] of view 0, encoding it (with patch features when asked and available) if needed."""
+        want = with_patches and self.hosted.has_patches
+        if self.feats is None or (want and self.patches is None):
+            _, view0 = await self._decoded()
+            r = await self.hosted.batcher.submit(view0.unsqueeze(0), self.timeout_s, with_patches=want)
+            self.queue_us += r.queue_us
+            self.encode_us += r.encode_us
+            if self.feats is None:
+                self.feats = r.features
+            if r.patches is not None:
+                self.patches = _fp16(r.patches[0])
+            self.dirty = True
+        return self.feats[0]
+
+    async def first(self, n: int) -> torch.Tensor:
+        """Features [n, D] of views 0..n-1, rendering the views and encoding the missing ones."""
+        have = self.feats.shape[0]
+        if have < n:
+            if self._rendered is None:
+                img, view0 = await self._decoded()
+                loop = asyncio.get_running_loop()
+                self._rendered = await loop.run_in_executor(self.pool, render_views, self.hosted, img, view0, self.s)
+            part = self._rendered[have:n]
+            step = self.hosted.batcher.max_batch
+            results = await asyncio.gather(*(self.hosted.batcher.submit(part[i:i + step], self.timeout_s)
+                                             for i in range(0, part.shape[0], step)))
+            self.queue_us += max(r.queue_us for r in results)
+            self.encode_us += sum(r.encode_us for r in results)
+            self.feats = torch.cat([self.feats, *(_fp16(r.features) for r in results)])
+            self.dirty = True
+        return self.feats[:n]
+
+    def entry(self) -> dict[str, np.ndarray]:
+        arrays = {"view0": self.feats[:1].numpy(), "views": self.feats[1:].half().numpy()}
+        if self.patches is not None:
+            arrays["patches"] = self.patches.half().numpy()
+        return arrays
+
+
 @dataclass
 class Adapted:
     zero_shot: torch.Tensor  # [C] logits of the original view
     result: MethodResult | None  # None when no method ran (NONE, or skipped by the gate)
     report: pb.AdaptationReport
-    queue_us: int
-    encode_us: int
     adapt_us: int
 
 
-async def classify_with_adaptation(hosted: HostedModel, img: Image.Image, view0: torch.Tensor,
-                                   classifier: torch.Tensor, labels: tuple[str, ...], s: AdaptSettings,
-                                   timeout_s: float | None, pool: concurrent.futures.Executor) -> Adapted:
-    """Encode the original view (with patches for GS-Bias); unless confident, encode views and adapt."""
+async def classify_with_adaptation(hosted: HostedModel, views: ImageViews, classifier: torch.Tensor,
+                                   labels: tuple[str, ...], s: AdaptSettings,
+                                   pool: concurrent.futures.Executor) -> Adapted:
+    """Zero-shot from view 0 (with patches for GS-Bias); unless confident, take the views and adapt."""
     gs = s.method == "gs_bias"
-    first = await hosted.batcher.submit(view0.unsqueeze(0), timeout_s, with_patches=gs)
-    zero_shot = hosted.logits(F.normalize(first.features, dim=-1), classifier)[0]
+    feat0 = await views.original(with_patches=gs)
+    zero_shot = hosted.logits(F.normalize(feat0.unsqueeze(0), dim=-1), classifier)[0]
     entropy = normalized_entropy(zero_shot)
     report = pb.AdaptationReport(method=METHOD_ENUMS[s.method], views_encoded=1, normalized_entropy=entropy)
-    out = Adapted(zero_shot, None, report, first.queue_us, first.encode_us, 0)
+    out = Adapted(zero_shot, None, report, 0)
     if s.method == "none":
         return out
     if entropy < s.skip_entropy:
@@ -98,36 +201,29 @@ async def classify_with_adaptation(hosted: HostedModel, img: Image.Image, view0:
         report.note = f"original view confident (normalised entropy {entropy:.3f} < {s.skip_entropy:g}): no views"
         return out
     start = time.perf_counter()
-    loop = asyncio.get_running_loop()
-    views = await loop.run_in_executor(pool, render_views, hosted, img, view0, s)
-    feats = [first.features]
     chunk = s.view_chunk or max(1, s.views - 1)
-    max_batch = hosted.batcher.max_batch
-    for lo in range(1, s.views, chunk):
-        part = views[lo:lo + chunk]
-        results = await asyncio.gather(*(hosted.batcher.submit(part[i:i + max_batch], timeout_s)
-                                         for i in range(0, part.shape[0], max_batch)))
-        feats += [r.features for r in results]
-        out.encode_us += sum(r.encode_us for r in results)
-        out.queue_us += max(r.queue_us for r in results)
-        if s.view_chunk and lo + chunk < s.views:
-            sofar = hosted.logit_scale * F.normalize(torch.cat(feats), dim=-1) @ classifier.T
-            if views_agree(sofar, s.ratio):
-                report.note = f"selected views agreed after {sofar.shape[0]} views"
+    n = 1
+    while n < s.views:
+        n = min(s.views, n + chunk)
+        feats = await views.first(n)
+        if s.view_chunk and n < s.views:
+            if views_agree(hosted.logit_scale * F.normalize(feats, dim=-1) @ classifier.T, s.ratio):
+                report.note = f"selected views agreed after {n} views"
                 break
-    view_feats = torch.cat(feats)
-    patches = first.patches[0] if first.patches is not None else None
+    view_feats = views.feats[:n]
+    loop = asyncio.get_running_loop()
     if s.method == "tpt":
         text = TextSide(hosted.model, hosted.tokenizer, labels)
         result = await asyncio.wrap_future(hosted.run_text(adapt_views, s, view_feats, None, classifier,
                                                            hosted.logit_scale, text))
     else:
+        patches = views.patches if gs else None
         result = await loop.run_in_executor(pool, adapt_views, s, view_feats, patches, classifier, hosted.logit_scale)
-    if gs and patches is None:
+    if gs and result.global_only:
         report.note = (report.note + "; " if report.note else "") + "no patch tokens in this tower: global bias only"
     if hosted.logit_bias is not None and s.method != "zero":
-        result = MethodResult(result.logits + hosted.logit_bias, result.probs, result.steps_run, result.global_only)
-    report.views_encoded = view_feats.shape[0]
+        result = dataclasses.replace(result, logits=result.logits + hosted.logit_bias)
+    report.views_encoded = n
     report.steps_run = result.steps_run
     report.global_only = result.global_only
     out.result = result

@@ -107,7 +107,7 @@ def start_server(spec: ModelSpec, **overrides) -> ServerThread:
 
 @pytest.fixture(scope="session")
 def server(tiny_spec: ModelSpec) -> Iterator[ServerThread]:
-    srv = start_server(tiny_spec)
+    srv = start_server(tiny_spec, cache__enabled=False)  # cache behaviour has its own servers (test_cache.py)
     yield srv
     srv.stop()
 
