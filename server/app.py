@@ -46,6 +46,37 @@ def make_cache(cfg: CacheConfig) -> Cache | None:
     return Cache(backend, timeout_s=timeout, retry_after_s=cfg.retry_after_s)
 
 
+async def activate(service: ClassifierService, models: list[HostedModel] | None = None) -> list[HostedModel]:
+    """Load the configured models (off the loop) unless given, start their batchers, hand them to `service`."""
+    if models is None:
+        models = await asyncio.get_running_loop().run_in_executor(None, load_models, service.cfg)
+    for m in models:
+        attach_batcher(m, service.cfg.batching)
+        m.batcher.start()
+    service.set_models(models)
+    return models
+
+
+class InProcess:
+    """The service's pipeline without gRPC (batch jobs' --local mode, Ray workers): same code, same answers.
+
+        async with InProcess(cfg) as svc:
+            resp = await svc.classify_or_error(request)
+    """
+
+    def __init__(self, cfg: ServerConfig, models: list[HostedModel] | None = None) -> None:
+        self.service = ClassifierService(cfg)
+        self._models = models
+
+    async def __aenter__(self) -> ClassifierService:
+        self.service.cache = make_cache(self.service.cfg.cache)
+        await activate(self.service, self._models)
+        return self.service
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.service.close()
+
+
 class App:
     """A running server. `start()` binds the port at once (health NOT_SERVING); models load after."""
 
@@ -76,12 +107,7 @@ class App:
 
     async def load(self, models: list[HostedModel] | None = None) -> None:
         """Load (or adopt already loaded) models, start their batchers, then report SERVING."""
-        if models is None:
-            models = await asyncio.get_running_loop().run_in_executor(None, load_models, self.cfg)
-        for m in models:
-            attach_batcher(m, self.cfg.batching)
-            m.batcher.start()
-        self.service.set_models(models)
+        models = await activate(self.service, models)
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info("serving %s", ", ".join(m.name for m in models))

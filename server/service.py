@@ -83,7 +83,8 @@ class ClassifierService(pb_grpc.ClassifierServicer):
         return await loop.run_in_executor(self._pre_pool, self._preprocess, hosted, data, field)
 
     # -- classify ---------------------------------------------------------------------------
-    async def _classify(self, req: pb.ClassifyRequest, context: grpc.aio.ServicerContext) -> pb.ClassifyResponse:
+    async def classify(self, req: pb.ClassifyRequest, timeout_s: float | None = None) -> pb.ClassifyResponse:
+        """The whole pipeline for one request (gRPC or in-process callers); raises RequestError."""
         start = time.perf_counter()
         hosted = self._model(req.model)
         if req.top_k < 0:
@@ -101,7 +102,7 @@ class ClassifierService(pb_grpc.ClassifierServicer):
         else:
             classifier_task = asyncio.ensure_future(self.labels.classifier(hosted, ls))
             entry = await self.cache.get("features", fkey) if self.cache else None
-            views = ImageViews(hosted, settings, lambda: self._decode(hosted, req.image), context.time_remaining(),
+            views = ImageViews(hosted, settings, lambda: self._decode(hosted, req.image), timeout_s,
                                self._pre_pool, entry)
             try:
                 classifier = await classifier_task
@@ -128,13 +129,14 @@ class ClassifierService(pb_grpc.ClassifierServicer):
 
     async def Classify(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext) -> pb.ClassifyResponse:
         try:
-            return await self._classify(request, context)
+            return await self.classify(request, context.time_remaining())
         except RequestError as exc:
             await context.abort(exc.code, str(exc))
 
-    async def _classify_or_error(self, req: pb.ClassifyRequest, context: grpc.aio.ServicerContext) -> pb.ClassifyResponse:
+    async def classify_or_error(self, req: pb.ClassifyRequest, timeout_s: float | None = None) -> pb.ClassifyResponse:
+        """classify(), with a failure as the response's `error` (streams and batch jobs go on)."""
         try:
-            return await self._classify(req, context)
+            return await self.classify(req, timeout_s)
         except RequestError as exc:
             return pb.ClassifyResponse(request_id=req.request_id, error=pb.Error(code=exc.code.value[0], message=str(exc)))
         except Exception as exc:  # noqa: BLE001 - one item's failure must not end the stream
@@ -150,7 +152,7 @@ class ClassifierService(pb_grpc.ClassifierServicer):
         async def read() -> None:
             try:
                 async for req in request_iterator:
-                    await pending.put(asyncio.ensure_future(self._classify_or_error(req, context)))
+                    await pending.put(asyncio.ensure_future(self.classify_or_error(req, context.time_remaining())))
             finally:
                 await pending.put(None)
 
@@ -166,15 +168,19 @@ class ClassifierService(pb_grpc.ClassifierServicer):
                     task.cancel()
 
     # -- label sets, embeddings, info ------------------------------------------------------
+    async def register_label_set(self, request: pb.LabelSet) -> pb.LabelSetRef:
+        """Validate, store, and build the classifier for every loaded model; raises RequestError."""
+        ls = self.labels.add(validate_label_set(list(request.labels), list(request.templates),
+                                                self.cfg.limits, "label_set"))
+        for hosted in list(self.models.values()):
+            await self.labels.classifier(hosted, ls)
+        return pb.LabelSetRef(label_set_id=ls.id, num_labels=len(ls.labels), num_templates=len(ls.templates))
+
     async def RegisterLabelSet(self, request: pb.LabelSet, context: grpc.aio.ServicerContext) -> pb.LabelSetRef:
         try:
-            ls = self.labels.add(validate_label_set(list(request.labels), list(request.templates),
-                                                    self.cfg.limits, "label_set"))
-            for hosted in list(self.models.values()):
-                await self.labels.classifier(hosted, ls)
+            return await self.register_label_set(request)
         except RequestError as exc:
             await context.abort(exc.code, str(exc))
-        return pb.LabelSetRef(label_set_id=ls.id, num_labels=len(ls.labels), num_templates=len(ls.templates))
 
     async def Embed(self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
         try:

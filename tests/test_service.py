@@ -13,6 +13,7 @@ from adaptclip.client.client import classify_request
 from adaptclip.server.app import App
 from adaptclip.server.config import ServerConfig
 from adaptclip.server.models import load_model
+from adaptclip.v1 import classifier_pb2 as pb
 from conftest import LABELS, ServerThread, make_image
 
 
@@ -118,3 +119,29 @@ def test_health_not_serving_until_loaded(tiny_spec):
             asyncio.run_coroutine_threadsafe(thread.app.stop(0), loop).result(30)
     finally:
         loop.call_soon_threadsafe(loop.stop)
+
+
+def test_in_process_pipeline_answers_as_the_server(server, client, tiny_spec):
+    """InProcess (batch jobs' --local mode) runs the same pipeline as gRPC, without a server."""
+    import asyncio
+
+    from adaptclip.server.app import InProcess
+
+    img = make_image(300)
+    expected = client.classify(img, labels=LABELS, adaptation=pb_adaptation(), top_k=4)
+
+    async def run():
+        async with InProcess(ServerConfig(models=[tiny_spec])) as svc:
+            ref = await svc.register_label_set(pb.LabelSet(labels=LABELS))
+            good = await svc.classify_or_error(classify_request(img, label_set_id=ref.label_set_id, top_k=4,
+                                                                adaptation=pb_adaptation(), request_id="a"))
+            bad = await svc.classify_or_error(classify_request(b"junk", label_set_id=ref.label_set_id, request_id="b"))
+            return good, bad
+
+    good, bad = asyncio.run(run())
+    assert_same(_top(good), _top(expected)) and good.request_id == "a"
+    assert bad.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0] and bad.error.message.startswith("image")
+
+
+def pb_adaptation():
+    return pb.Adaptation(method=pb.Adaptation.GS_BIAS, views=6, seed=1)
