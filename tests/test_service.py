@@ -145,3 +145,27 @@ def test_in_process_pipeline_answers_as_the_server(server, client, tiny_spec):
 
 def pb_adaptation():
     return pb.Adaptation(method=pb.Adaptation.GS_BIAS, views=6, seed=1)
+
+
+def test_async_client(server):
+    import asyncio
+
+    from adaptclip.client import AsyncClient
+
+    async def run():
+        async with AsyncClient(server.target) as c:
+            ref = await c.register_label_set(LABELS)
+            one = await c.classify(make_image(400), label_set_id=ref.label_set_id, top_k=2)
+
+            async def reqs():
+                for i in range(3):
+                    yield classify_request(make_image(401 + i), label_set_id=ref.label_set_id, request_id=str(i))
+
+            streamed = [r.request_id async for r in c.classify_stream(reqs())]
+            emb = await c.embed(texts=["x"])
+            info = await c.model_info()
+            return one, streamed, emb, info
+
+    one, streamed, emb, info = asyncio.run(run())
+    assert len(one.top) == 2 and streamed == ["0", "1", "2"] and len(emb.text_embeddings) == 1
+    assert info.default_model == "tiny-vit"
