@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -13,15 +14,17 @@ import torch
 
 from adaptclip.server.errors import RequestError
 
-# (images [N, 3, H, W], with_patches) -> (global features [N, D], patch features [N, P, D] or None)
-EncodeFn = Callable[[torch.Tensor, bool], tuple[torch.Tensor, torch.Tensor | None]]
+log = logging.getLogger(__name__)
+# (images [N, 3, H, W], with_patches, token keep rate) -> (global [N, D], patches [N, P, D] or None)
+EncodeFn = Callable[[torch.Tensor, bool, float], tuple[torch.Tensor, torch.Tensor | None]]
 
 
-@dataclass
+@dataclass(eq=False)  # identity: items are removed from the queue by object, never compared by value
 class _Item:
     images: torch.Tensor  # [n, 3, H, W]
     future: asyncio.Future
     with_patches: bool = False
+    keep_rate: float = 1.0  # token compression: only items of one keep rate share a batch
     enqueued: float = field(default_factory=time.perf_counter)
     deadline: float | None = None  # perf_counter time after which nobody waits for it
 
@@ -53,6 +56,7 @@ class Batcher:
         self._queued_images = 0
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"encode-{name}")
         self._task: asyncio.Task | None = None
+        self._name = name
         self.dropped = 0  # items dropped because their caller left
         self.batches = 0
 
@@ -73,7 +77,7 @@ class Batcher:
         self._executor.shutdown(wait=True)
 
     async def submit(self, images: torch.Tensor, timeout_s: float | None = None,
-                     with_patches: bool = False) -> BatchResult:
+                     with_patches: bool = False, keep_rate: float = 1.0) -> BatchResult:
         """Queue `images` and wait for their features; RESOURCE_EXHAUSTED when the queue is full.
 
         Items that want patch features (GS-Bias) share batches with those that do not; the batch
@@ -83,7 +87,7 @@ class Batcher:
         if self._queued_images + n > self._max_queue:
             raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, "image",
                                f"encoder queue full ({self._queued_images} images waiting, limit {self._max_queue}); retry later")
-        item = _Item(images, asyncio.get_running_loop().create_future(), with_patches)
+        item = _Item(images, asyncio.get_running_loop().create_future(), with_patches, keep_rate)
         if timeout_s is not None:
             item.deadline = item.enqueued + timeout_s
         self._queued_images += n
@@ -101,10 +105,8 @@ class Batcher:
             return False
         return True
 
-    async def _wait(self, timeout_s: float | None) -> bool:
-        """Wait until something is pending; False when `timeout_s` passed first."""
-        if self._pending:
-            return True
+    async def _wait_new(self, timeout_s: float | None) -> bool:
+        """Wait for the next submission; False when `timeout_s` passed first."""
         self._wakeup.clear()
         try:
             await asyncio.wait_for(self._wakeup.wait(), timeout_s)
@@ -112,59 +114,85 @@ class Batcher:
             return False
         return True
 
+    def _take(self, keep_rate: float, room: int) -> tuple[_Item | None, bool]:
+        """First live pending item of this keep rate; (None, True) when it does not fit in `room`."""
+        now = time.perf_counter()
+        for item in list(self._pending):
+            if not self._alive(item, now):
+                self._pending.remove(item)
+            elif item.keep_rate == keep_rate:
+                if item.images.shape[0] > room:
+                    return None, True  # it leads the next batch
+                self._pending.remove(item)
+                return item, False
+        return None, False
+
     async def _next_batch(self) -> list[_Item]:
-        """First live item, then whatever else arrives within the delay, up to max_batch images."""
+        """The oldest live item, then items of the same keep rate arriving within the delay, up to max_batch."""
         loop = asyncio.get_running_loop()
-        batch: list[_Item] = []
-        size = 0
-        close_at: float | None = None
-        while size < self._max_batch:
-            timeout = None if close_at is None else close_at - loop.time()
-            if timeout is not None and (timeout <= 0 or not await self._wait(timeout)):
+        while True:
+            while not self._pending:
+                await self._wait_new(None)
+            first = self._pending.popleft()
+            if self._alive(first, time.perf_counter()):
                 break
-            if timeout is None:
-                await self._wait(None)
-            item = self._pending[0]
-            if not self._alive(item, time.perf_counter()):
-                self._pending.popleft()
+        batch, size = [first], first.images.shape[0]
+        close_at = loop.time() + self._max_delay
+        while size < self._max_batch:
+            item, blocked = self._take(first.keep_rate, self._max_batch - size)
+            if blocked:
+                break
+            if item is not None:
+                batch.append(item)
+                size += item.images.shape[0]
                 continue
-            n = item.images.shape[0]
-            if batch and size + n > self._max_batch:
-                break  # it leads the next batch
-            self._pending.popleft()
-            batch.append(item)
-            size += n
-            if close_at is None:
-                close_at = loop.time() + self._max_delay
+            remaining = close_at - loop.time()
+            if remaining <= 0 or not await self._wait_new(remaining):
+                break
         return batch
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
-            batch = await self._next_batch()
-            now = time.perf_counter()
-            batch = [it for it in batch if self._alive(it, now)]
-            if not batch:
-                continue
-            images = torch.cat([it.images for it in batch]) if len(batch) > 1 else batch[0].images
-            start = time.perf_counter()
             try:
-                want = any(it.with_patches for it in batch)
-                feats, patches = await loop.run_in_executor(self._executor, self._encode, images, want)
-            except Exception as exc:  # noqa: BLE001 - the encoder's failure goes to every caller
-                for it in batch:
-                    self._queued_images -= it.images.shape[0]
-                    if not it.future.done():
-                        it.future.set_exception(exc)
-                continue
-            encode_us = int((time.perf_counter() - start) * 1e6)
-            self.batches += 1
-            offset = 0
+                await self._run_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - a bug here must fail requests, not hang every caller
+                log.exception("batcher %s: unexpected error", self._name)
+                for item in list(self._pending):
+                    self._pending.remove(item)
+                    self._queued_images -= item.images.shape[0]
+                    if not item.future.done():
+                        item.future.set_exception(RequestError(grpc.StatusCode.INTERNAL, "image", "encoder batching failed"))
+
+    async def _run_once(self) -> None:
+        """One batch: collect, encode on the encoder thread, hand each caller its rows."""
+        loop = asyncio.get_running_loop()
+        batch = await self._next_batch()
+        now = time.perf_counter()
+        batch = [it for it in batch if self._alive(it, now)]
+        if not batch:
+            return
+        images = torch.cat([it.images for it in batch]) if len(batch) > 1 else batch[0].images
+        start = time.perf_counter()
+        try:
+            want = any(it.with_patches for it in batch)
+            feats, patches = await loop.run_in_executor(self._executor, self._encode, images, want,
+                                                        batch[0].keep_rate)
+        except Exception as exc:  # noqa: BLE001 - the encoder's failure goes to every caller
             for it in batch:
-                n = it.images.shape[0]
-                self._queued_images -= n
+                self._queued_images -= it.images.shape[0]
                 if not it.future.done():
-                    mine = patches[offset:offset + n] if it.with_patches else None
-                    it.future.set_result(BatchResult(feats[offset:offset + n], mine, int((start - it.enqueued) * 1e6),
-                                                     encode_us, images.shape[0]))
-                offset += n
+                    it.future.set_exception(exc)
+            return
+        encode_us = int((time.perf_counter() - start) * 1e6)
+        self.batches += 1
+        offset = 0
+        for it in batch:
+            n = it.images.shape[0]
+            self._queued_images -= n
+            if not it.future.done():
+                mine = patches[offset:offset + n] if it.with_patches else None
+                it.future.set_result(BatchResult(feats[offset:offset + n], mine, int((start - it.enqueued) * 1e6),
+                                                 encode_us, images.shape[0]))
+            offset += n

@@ -80,7 +80,8 @@ class HostedModel:
         default_factory=lambda: concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="text"))
 
     @torch.inference_mode()
-    def encode_images(self, images: torch.Tensor, with_patches: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def encode_images(self, images: torch.Tensor, with_patches: bool = False,
+                      keep_rate: float = 1.0) -> tuple[torch.Tensor, torch.Tensor | None]:
         """[N, 3, H, W] preprocessed -> fp32 CPU features [N, D] (+ patches [N, P, D]), not normalised."""
         feats, patches = image_features(self.model, images.to(self.device, self.dtype),
                                         with_patches and self.has_patches)

@@ -73,10 +73,10 @@ def _slow_server(tiny_spec, delay_s: float, **overrides):
     hosted = next(iter(srv.app.service.models.values()))
     encode, encoded = hosted.batcher._encode, []
 
-    def slow(images, with_patches):
+    def slow(images, with_patches, keep_rate):
         time.sleep(delay_s)
         encoded.append(images.shape[0])
-        return encode(images, with_patches)
+        return encode(images, with_patches, keep_rate)
 
     hosted.batcher._encode = slow
     return srv, hosted.batcher, encoded

@@ -1,0 +1,94 @@
+"""The dynamic batcher on its own: batch sizes, the delay window, keep-rate groups, dropped callers."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from adaptclip.server.batcher import Batcher
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, float]] = []
+
+    def __call__(self, images: torch.Tensor, with_patches: bool, keep_rate: float):
+        self.calls.append((images.shape[0], keep_rate))
+        feats = images.flatten(1)[:, :4] * keep_rate
+        patches = torch.zeros(images.shape[0], 2, 4) if with_patches else None
+        return feats, patches
+
+
+def _img(value: float, n: int = 1) -> torch.Tensor:
+    return torch.full((n, 3, 2, 2), value)
+
+
+async def _with_batcher(fn, **kw):
+    rec = Recorder()
+    b = Batcher(rec, max_batch=kw.get("max_batch", 8), max_delay_s=kw.get("delay", 0.05), max_queue=kw.get("queue", 100))
+    b.start()
+    try:
+        return await fn(b), rec
+    finally:
+        await b.close()
+
+
+def test_concurrent_items_share_one_batch_and_get_their_rows():
+    async def go(b):
+        return await asyncio.gather(*(b.submit(_img(i)) for i in range(5)))
+
+    results, rec = asyncio.run(_with_batcher(go))
+    assert rec.calls == [(5, 1.0)]
+    assert [r.features[0, 0].item() for r in results] == [0, 1, 2, 3, 4]
+    assert all(r.batch_size == 5 for r in results)
+
+
+def test_max_batch_splits_and_oversized_item_runs_alone():
+    async def go(b):
+        return await asyncio.gather(*(b.submit(_img(i, 3)) for i in range(4)), b.submit(_img(9, 12)))
+
+    results, rec = asyncio.run(_with_batcher(go, max_batch=8))
+    assert [n for n, _ in rec.calls] == [6, 6, 12]
+    assert results[-1].features.shape[0] == 12
+
+
+def test_keep_rates_never_mix_in_a_batch():
+    async def go(b):
+        return await asyncio.gather(b.submit(_img(1), keep_rate=1.0), b.submit(_img(1), keep_rate=0.5),
+                                    b.submit(_img(1), keep_rate=1.0), b.submit(_img(1), keep_rate=0.5))
+
+    results, rec = asyncio.run(_with_batcher(go))
+    assert sorted(rec.calls) == [(2, 0.5), (2, 1.0)]
+    assert [r.features[0, 0].item() for r in results] == [1.0, 0.5, 1.0, 0.5]
+
+
+def test_patches_only_for_items_that_ask():
+    async def go(b):
+        return await asyncio.gather(b.submit(_img(1), with_patches=True), b.submit(_img(2)))
+
+    (a, b_), rec = asyncio.run(_with_batcher(go))
+    assert a.patches.shape == (1, 2, 4) and b_.patches is None and rec.calls == [(2, 1.0)]
+
+
+def test_cancelled_item_is_dropped_before_the_encoder():
+    async def go(b):
+        first = asyncio.ensure_future(b.submit(_img(1)))
+        doomed = asyncio.ensure_future(b.submit(_img(2)))
+        await asyncio.sleep(0)
+        doomed.cancel()
+        await first
+        return b.dropped
+
+    dropped, rec = asyncio.run(_with_batcher(go))
+    assert dropped == 1 and rec.calls == [(1, 1.0)]
+
+
+def test_queue_limit():
+    from adaptclip.server.errors import RequestError
+
+    async def go(b):
+        with pytest.raises(RequestError, match="queue full"):
+            await asyncio.gather(b.submit(_img(1, 3)), b.submit(_img(1, 3)))
+
+    asyncio.run(_with_batcher(go, queue=4))
