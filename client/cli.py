@@ -50,6 +50,10 @@ def _classify_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--server", default="localhost:50051", help="HOST:PORT")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per image")
     p.add_argument("--json", action="store_true", help="one JSON line per image")
+    add_tta_flags(p)
+
+
+def add_tta_flags(p: argparse.ArgumentParser) -> None:
     tta = p.add_argument_group("test-time adaptation (unset values take the model's defaults)")
     tta.add_argument("--tta", choices=["none", "gs_bias", "zero", "tpt"], default="none")
     tta.add_argument("--views", type=int, help="views per image, the original included")
@@ -61,7 +65,10 @@ def build_config(args: argparse.Namespace):
     """Embedded defaults <- YAML config <- flags."""
     from adaptclip.server.config import ModelSpec, load_config
 
-    cfg = load_config(args.config)
+    def flag(name: str):
+        return getattr(args, name, None)
+
+    cfg = load_config(flag("config"))
     if args.model or args.pretrained or args.random_init:
         base = cfg.default_model
         cfg.models = [ModelSpec(model=args.model or base.model,
@@ -70,17 +77,17 @@ def build_config(args: argparse.Namespace):
                                 precision=args.precision or base.precision, random_init=args.random_init)]
     else:
         for attr in ("name", "device", "precision"):
-            if getattr(args, attr):
-                setattr(cfg.models[0], attr, getattr(args, attr))
+            if flag(attr):
+                setattr(cfg.models[0], attr, flag(attr))
     for attr, target in (("host", cfg), ("port", cfg), ("max_batch_size", cfg.batching),
                          ("max_queue_delay_ms", cfg.batching), ("max_queue_size", cfg.batching),
                          ("max_image_bytes", cfg.limits), ("max_image_pixels", cfg.limits), ("max_labels", cfg.limits)):
-        if getattr(args, attr) is not None:
-            setattr(target, attr, getattr(args, attr))
+        if flag(attr) is not None:
+            setattr(target, attr, flag(attr))
     for attr, target_attr in (("redis_url", "redis_url"), ("cache_max_bytes", "max_bytes"), ("cache_ttl_s", "ttl_s")):
-        if getattr(args, attr, None) is not None:
-            setattr(cfg.cache, target_attr, getattr(args, attr))
-    if getattr(args, "no_cache", False):
+        if flag(attr) is not None:
+            setattr(cfg.cache, target_attr, flag(attr))
+    if flag("no_cache"):
         cfg.cache.enabled = False
     return cfg
 
@@ -193,8 +200,11 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _serve_parser(sub)
     _classify_parser(sub)
+    from adaptclip.client import cli_label
+
+    cli_label.add_parser(sub)
     args = parser.parse_args(argv)
-    return {"serve": cmd_serve, "classify": cmd_classify}[args.command](args)
+    return {"serve": cmd_serve, "classify": cmd_classify, "label": cli_label.run}[args.command](args)
 
 
 if __name__ == "__main__":

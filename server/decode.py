@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import re
 import warnings
 
 from PIL import Image, UnidentifiedImageError
@@ -34,7 +35,9 @@ def decode_image(data: bytes, *, max_bytes: int, max_pixels: int, field: str = "
             img.load()
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError,
             Image.DecompressionBombWarning) as exc:
-        raise invalid(field, f"cannot decode image ({exc.__class__.__name__}: {exc})") from None
+        # PIL's messages may carry object addresses; keep them stable so the same file gives the same error.
+        detail = re.sub(r" at 0x[0-9a-fA-F]+", "", str(exc))
+        raise invalid(field, f"cannot decode image ({exc.__class__.__name__}: {detail})") from None
     if width == 0 or height == 0:
         raise invalid(field, "image has zero width or height")
     return img.convert("RGB")
