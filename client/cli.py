@@ -15,6 +15,8 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--name", help="served model name (default: the model name / JSON file stem)")
     g.add_argument("--device", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
     g.add_argument("--precision", choices=["fp32", "fp16", "bf16"])
+    g.add_argument("--keep-rate", type=float,
+                   help="token compression: fraction of patch tokens kept per reduction stage (default 1 = off)")
     g.add_argument("--random-init", action="store_true",
                    help="serve RANDOM weights (tests and speed benchmarks only; answers are meaningless)")
 
@@ -50,6 +52,7 @@ def _classify_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--server", default="localhost:50051", help="HOST:PORT")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per image")
     p.add_argument("--json", action="store_true", help="one JSON line per image")
+    p.add_argument("--keep-rate", type=float, help="token compression for these requests (default: the model's)")
     add_tta_flags(p)
 
 
@@ -79,6 +82,8 @@ def build_config(args: argparse.Namespace):
         for attr in ("name", "device", "precision"):
             if flag(attr):
                 setattr(cfg.models[0], attr, flag(attr))
+    if flag("keep_rate") is not None:
+        cfg.models[0].keep_rate = flag("keep_rate")
     for attr, target in (("host", cfg), ("port", cfg), ("max_batch_size", cfg.batching),
                          ("max_queue_delay_ms", cfg.batching), ("max_queue_size", cfg.batching),
                          ("max_image_bytes", cfg.limits), ("max_image_pixels", cfg.limits), ("max_labels", cfg.limits)):
@@ -175,8 +180,11 @@ def cmd_classify(args: argparse.Namespace) -> int:
                 except OSError as exc:
                     data = b""
                     print(f"adaptclip classify: {path}: {exc}", file=sys.stderr)
-                yield classify_request(data, label_set_id=ref.label_set_id, model=args.model, top_k=args.top_k,
+                req = classify_request(data, label_set_id=ref.label_set_id, model=args.model, top_k=args.top_k,
                                        request_id=str(i), adaptation=adaptation)
+                if args.keep_rate is not None:
+                    req.token_keep_rate = args.keep_rate
+                yield req
 
         try:
             for resp in client.classify_stream(requests(), timeout_s=args.timeout * len(args.images)):

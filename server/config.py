@@ -25,6 +25,12 @@ class ModelSpec:
     # Test-time adaptation defaults for this model (AdaptSettings fields), e.g. milder crops for
     # 32-px inputs: {"crop_scale": [0.35, 1.0], "augmix": false}.
     adaptation: dict[str, Any] = field(default_factory=dict)
+    # CLS-guided token compression (ViT towers): default keep rate per reduction stage (1.0 = off;
+    # requests may ask their own `token_keep_rate`), where to reduce, and how.
+    keep_rate: float = 1.0
+    token_reduce_at: list[int] | None = None  # 0-based blocks; None = after 1/4, 1/2, 3/4 of the depth
+    token_fuse: bool = True  # merge dropped tokens into one (EViT)
+    token_score_layers: int = 1  # CLS attention summed over this many blocks (VTC-CLS when > 1)
 
 
 @dataclass

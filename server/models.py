@@ -15,6 +15,7 @@ from PIL import Image
 
 from adaptclip.adapt.settings import AdaptSettings, settings_from_dict
 from adaptclip.adapt.features import image_features, supports_patches
+from adaptclip.compression.tokens import TokenCompressor, validate_keep_rate
 from adaptclip.server.batcher import Batcher
 from adaptclip.server.config import BatchingConfig, ModelSpec
 
@@ -75,6 +76,7 @@ class HostedModel:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     adapt_defaults: AdaptSettings
+    compressor: TokenCompressor | None = None  # None: the tower cannot drop tokens
     batcher: Batcher | None = None
     _executor: concurrent.futures.ThreadPoolExecutor = field(
         default_factory=lambda: concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="text"))
@@ -83,8 +85,12 @@ class HostedModel:
     def encode_images(self, images: torch.Tensor, with_patches: bool = False,
                       keep_rate: float = 1.0) -> tuple[torch.Tensor, torch.Tensor | None]:
         """[N, 3, H, W] preprocessed -> fp32 CPU features [N, D] (+ patches [N, P, D]), not normalised."""
-        feats, patches = image_features(self.model, images.to(self.device, self.dtype),
-                                        with_patches and self.has_patches)
+        images = images.to(self.device, self.dtype)
+        want = with_patches and self.has_patches
+        if keep_rate < 1.0:
+            feats, patches = self.compressor.features(images, want, keep_rate)
+        else:
+            feats, patches = image_features(self.model, images, want)
         return feats.float().cpu(), None if patches is None else patches.float().cpu()
 
     @property
@@ -102,6 +108,13 @@ class HostedModel:
         weights = open_clip.build_zero_shot_classifier(
             self.model, self.tokenizer, list(labels), list(templates), num_classes_per_batch=10, device=self.device)
         return weights.T.float().cpu().contiguous()
+
+    def check_keep_rate(self, value: float, field: str) -> float:
+        """A valid keep rate this model can run (ValueError naming `field` otherwise)."""
+        rate = validate_keep_rate(value, field)
+        if rate < 1.0 and self.compressor is None:
+            raise ValueError(f"{field}: model '{self.name}' has no token compression (not a plain ViT tower)")
+        return rate
 
     def logits(self, feats: torch.Tensor, classifier: torch.Tensor) -> torch.Tensor:
         """Zero-shot logits exactly as open_clip computes them, with the model's own scale (and bias)."""
@@ -148,14 +161,26 @@ def load_model(spec: ModelSpec) -> HostedModel:
         adapt_defaults = settings_from_dict(dict(spec.adaptation))
     except ValueError as exc:
         raise ModelLoadError(f"model '{spec.name or name}': {exc}") from None
-    return HostedModel(
+    try:
+        compressor = TokenCompressor(model, spec.token_reduce_at, spec.token_fuse, spec.token_score_layers)
+    except ValueError as exc:
+        if spec.keep_rate != 1.0 or spec.token_reduce_at is not None:
+            raise ModelLoadError(f"model '{spec.name or name}': token compression: {exc}") from None
+        compressor = None
+    hosted = HostedModel(
         name=spec.name or name, spec=spec, model=model, preprocess=preprocess,
         tokenizer=open_clip.get_tokenizer(name), device=device, dtype=_DTYPES[spec.precision],
         fingerprint=state_fingerprint(model), embed_dim=int(cfg.get("embed_dim", 0)) or int(model.text_projection.shape[-1]),
         image_size=int(image_size), logit_scale=float(model.logit_scale.exp().item()),
         logit_bias=float(bias.item()) if bias is not None else None,
         mean=tuple(float(x) for x in pre_cfg.get("mean", open_clip.OPENAI_DATASET_MEAN)),
-        std=tuple(float(x) for x in pre_cfg.get("std", open_clip.OPENAI_DATASET_STD)), adapt_defaults=adapt_defaults)
+        std=tuple(float(x) for x in pre_cfg.get("std", open_clip.OPENAI_DATASET_STD)), adapt_defaults=adapt_defaults,
+        compressor=compressor)
+    try:
+        hosted.check_keep_rate(spec.keep_rate, "keep_rate")
+    except ValueError as exc:
+        raise ModelLoadError(f"model '{hosted.name}': {exc}") from None
+    return hosted
 
 
 def attach_batcher(hosted: HostedModel, cfg: BatchingConfig) -> None:
@@ -168,4 +193,6 @@ def warm_up(hosted: HostedModel) -> None:
     """One image and one text forward so the first request does not pay for lazy init."""
     size = hosted.image_size
     hosted.encode_images(torch.zeros(1, 3, size, size))
+    if hosted.spec.keep_rate < 1.0:
+        hosted.encode_images(torch.zeros(1, 3, size, size), True, hosted.spec.keep_rate)
     hosted.encode_texts(["a photo"])

@@ -22,7 +22,7 @@ from adaptclip.server.models import HostedModel
 from adaptclip.server.cache import Cache
 from adaptclip.server.results import adapted_from_entry, entry_from_adapted
 from adaptclip.server.tta import (ImageViews, classify_with_adaptation, feature_key, image_digest, result_key,
-                                  settings_from_request, settings_to_proto)
+                                  settings_from_request, settings_to_proto, token_tag)
 from adaptclip.v1 import classifier_pb2 as pb
 from adaptclip.v1 import classifier_pb2_grpc as pb_grpc
 
@@ -90,12 +90,18 @@ class ClassifierService(pb_grpc.ClassifierServicer):
         if req.top_k < 0:
             raise invalid("top_k", f"must be >= 0, got {req.top_k}")
         settings = settings_from_request(req.adaptation, hosted.adapt_defaults)
+        try:
+            keep_rate = hosted.check_keep_rate(
+                req.token_keep_rate if req.HasField("token_keep_rate") else hosted.spec.keep_rate, "token_keep_rate")
+        except ValueError as exc:
+            raise invalid("token_keep_rate", str(exc).partition(": ")[2]) from None
         ls = self._label_set(req)
         check_image_bytes(req.image, self.cfg.limits.max_image_bytes)
-        fkey = feature_key(hosted.fingerprint, image_digest(req.image), settings)
+        fkey = feature_key(hosted.fingerprint, image_digest(req.image), settings, token_tag(hosted, keep_rate))
         rkey = result_key(fkey, ls.id, settings)
         k = min(req.top_k or DEFAULT_TOP_K, len(ls.labels))
-        resp = pb.ClassifyResponse(model=hosted.name, label_set_id=ls.id, request_id=req.request_id)
+        resp = pb.ClassifyResponse(model=hosted.name, label_set_id=ls.id, request_id=req.request_id,
+                                   token_keep_rate=keep_rate)
         cached = await self.cache.get("result", rkey) if self.cache else None
         if cached is not None and (out := adapted_from_entry(cached, len(ls.labels))) is not None:
             resp.cache_hit, resp.cache_level = True, pb.CACHE_RESULT
@@ -103,7 +109,7 @@ class ClassifierService(pb_grpc.ClassifierServicer):
             classifier_task = asyncio.ensure_future(self.labels.classifier(hosted, ls))
             entry = await self.cache.get("features", fkey) if self.cache else None
             views = ImageViews(hosted, settings, lambda: self._decode(hosted, req.image), timeout_s,
-                               self._pre_pool, entry)
+                               self._pre_pool, entry, keep_rate)
             try:
                 classifier = await classifier_task
                 out = await classify_with_adaptation(hosted, views, classifier, ls.labels, settings, self._pre_pool)
@@ -195,7 +201,8 @@ class ClassifierService(pb_grpc.ClassifierServicer):
             resp = pb.EmbedResponse(model=hosted.name, dim=hosted.embed_dim)
             if request.images:
                 decoded = await asyncio.gather(*(self._decode(hosted, d, f"images[{i}]") for i, d in enumerate(request.images)))
-                result = await hosted.batcher.submit(torch.stack([p for _, p in decoded]), timeout_s=context.time_remaining())
+                result = await hosted.batcher.submit(torch.stack([p for _, p in decoded]), timeout_s=context.time_remaining(),
+                                                     keep_rate=hosted.spec.keep_rate)
                 feats = F.normalize(result.features, dim=-1) if request.normalize else result.features
                 for row in feats.tolist():
                     resp.image_embeddings.add(values=row)
@@ -220,7 +227,8 @@ class ClassifierService(pb_grpc.ClassifierServicer):
             info.models.add(name=m.name, is_default=m.name == self.default_model, embed_dim=m.embed_dim,
                             image_size=m.image_size, pretrained=_pretrained_label(m), fingerprint=m.fingerprint,
                             device=str(m.device), precision=m.spec.precision, logit_scale=m.logit_scale,
-                            random_init=m.spec.random_init, adaptation=settings_to_proto(m.adapt_defaults))
+                            random_init=m.spec.random_init, adaptation=settings_to_proto(m.adapt_defaults),
+                            token_compression=_token_compression(m))
         return info
 
 
@@ -229,6 +237,14 @@ def _fill_top(field, labels: tuple[str, ...], logits: torch.Tensor, probs: torch
     order = sorted(range(len(labels)), key=lambda i: (-float(probs[i]), -float(logits[i])))[:k]
     for i in order:
         field.add(label=labels[i], probability=float(probs[i]), logit=float(logits[i]), index=i)
+
+
+def _token_compression(m: HostedModel) -> pb.TokenCompression:
+    c = m.compressor
+    if c is None:
+        return pb.TokenCompression(available=False, keep_rate=1.0)
+    return pb.TokenCompression(available=True, keep_rate=m.spec.keep_rate, reduce_at=list(c.reduce_at), fuse=c.fuse,
+                               score_layers=c.score_layers)
 
 
 def _pretrained_label(m: HostedModel) -> str:

@@ -86,11 +86,21 @@ def _digest(obj: object) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def feature_key(fingerprint: str, image_hash: str, s: AdaptSettings) -> str:
-    """Key of an image's view features: model weights, image bytes and everything that shapes the views."""
+def feature_key(fingerprint: str, image_hash: str, s: AdaptSettings, tokens: str = "k1") -> str:
+    """Key of an image's view features: model weights, image bytes, everything that shapes the views,
+    and the token compression the encoder ran with (`tokens`, see token_tag)."""
     views = "v1" if s.method == "none" else _digest(
         {"views": s.views, "seed": s.seed, "crop": list(s.crop_scale), "augmix": s.augmix})
-    return f"adaptclip:{SCHEMA}:features:{fingerprint}:{image_hash}:{views}"
+    return f"adaptclip:{SCHEMA}:features:{fingerprint}:{image_hash}:{views}:{tokens}"
+
+
+def token_tag(hosted: HostedModel, keep_rate: float) -> str:
+    """Cache-key part for token compression: its whole configuration when on."""
+    if keep_rate >= 1.0:
+        return "k1"
+    c = hosted.compressor
+    return "k" + _digest({"schedule": c.schedule(keep_rate), "at": c.reduce_at, "fuse": c.fuse,
+                          "score": c.score_layers})
 
 
 def result_key(feat_key: str, label_set_id: str, s: AdaptSettings) -> str:
@@ -112,8 +122,9 @@ class ImageViews:
 
     def __init__(self, hosted: HostedModel, s: AdaptSettings, decode: Callable[[], Awaitable[tuple[Image.Image, torch.Tensor]]],
                  timeout_s: float | None, pool: concurrent.futures.Executor,
-                 cached: tuple[dict[str, np.ndarray], dict] | None = None) -> None:
+                 cached: tuple[dict[str, np.ndarray], dict] | None = None, keep_rate: float = 1.0) -> None:
         self.hosted, self.s, self._decode, self.timeout_s, self.pool = hosted, s, decode, timeout_s, pool
+        self.keep_rate = keep_rate
         self.feats: torch.Tensor | None = None  # [n, D], view 0 first
         self.patches: torch.Tensor | None = None  # [P, D] of view 0
         self.from_cache = cached is not None
@@ -141,7 +152,8 @@ class ImageViews:
         want = with_patches and self.hosted.has_patches
         if self.feats is None or (want and self.patches is None):
             _, view0 = await self._decoded()
-            r = await self.hosted.batcher.submit(view0.unsqueeze(0), self.timeout_s, with_patches=want)
+            r = await self.hosted.batcher.submit(view0.unsqueeze(0), self.timeout_s, with_patches=want,
+                                                 keep_rate=self.keep_rate)
             self.queue_us += r.queue_us
             self.encode_us += r.encode_us
             if self.feats is None:
@@ -161,7 +173,8 @@ class ImageViews:
                 self._rendered = await loop.run_in_executor(self.pool, render_views, self.hosted, img, view0, self.s)
             part = self._rendered[have:n]
             step = self.hosted.batcher.max_batch
-            results = await asyncio.gather(*(self.hosted.batcher.submit(part[i:i + step], self.timeout_s)
+            results = await asyncio.gather(*(self.hosted.batcher.submit(part[i:i + step], self.timeout_s,
+                                                                        keep_rate=self.keep_rate)
                                              for i in range(0, part.shape[0], step)))
             self.queue_us += max(r.queue_us for r in results)
             self.encode_us += sum(r.encode_us for r in results)

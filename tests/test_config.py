@@ -46,3 +46,14 @@ def test_bad_config_exits_2(tmp_path, capsys):
     bad.write_text("nonsense: 1\n")
     assert main(["serve", "--config", str(bad)]) == 2
     assert "nonsense" in capsys.readouterr().err
+
+
+def test_keep_rate_and_device_flags_apply_without_model_flag():
+    import argparse
+
+    from adaptclip.client import cli
+
+    parser = argparse.ArgumentParser()
+    cli._serve_parser(parser.add_subparsers())
+    cfg = build_config(parser.parse_args(["serve", "--config", str(EXAMPLE), "--device", "cpu", "--keep-rate", "0.5"]))
+    assert cfg.models[0].device == "cpu" and cfg.models[0].keep_rate == 0.5 and cfg.models[0].model == "ViT-B-32"
