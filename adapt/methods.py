@@ -58,6 +58,23 @@ def views_agree(view_logits: Tensor, ratio: float) -> bool:
     return bool((top == top[0]).all())
 
 
+def skips_views(settings: AdaptSettings, entropy: float) -> bool:
+    """The confidence gate: an adapting method answers zero-shot, without views, below skip_entropy."""
+    return settings.method != "none" and entropy < settings.skip_entropy
+
+
+def view_chunks(settings: AdaptSettings) -> list[tuple[int, int]]:
+    """[lo, hi) ranges of the augmented views (1..V-1) encoded in turn; one range unless view_chunk."""
+    chunk = settings.view_chunk or max(1, settings.views - 1)
+    return [(lo, min(lo + chunk, settings.views)) for lo in range(1, settings.views, chunk)]
+
+
+def stops_after(settings: AdaptSettings, hi: int, view_logits: Tensor) -> bool:
+    """After encoding views [0, hi) (their logits given): stop early, before the last chunk, once the
+    selected views agree. Never stops without view_chunk."""
+    return bool(settings.view_chunk) and hi < settings.views and views_agree(view_logits, settings.ratio)
+
+
 def adapt_views(settings: AdaptSettings, view_feats: Tensor, patch_feats: Tensor | None, classifier: Tensor,
                 logit_scale: float, text: TextSide | None = None) -> MethodResult:
     """Adapted prediction for one image from its V view features ([V, D], view 0 the original).

@@ -74,7 +74,8 @@ def render_views(hosted: HostedModel, img: Image.Image, view0: torch.Tensor, s: 
         factor = MAX_VIEW_SIDE * size / short
         img = img.resize((round(img.width * factor), round(img.height * factor)), Image.BICUBIC)
     gen = _generator(size, hosted.mean, hosted.std, s.crop_scale, s.augmix)
-    views = gen([TF.to_tensor(img)], view0.unsqueeze(0), s.views, seed=s.seed)[0]
+    # Rendered on the model's device (the generator follows view 0's device), handed to the batcher on CPU.
+    views = gen([TF.to_tensor(img)], view0.unsqueeze(0).to(hosted.device), s.views, seed=s.seed)[0]
     return views.cpu()
 
 
