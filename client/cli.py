@@ -1,4 +1,4 @@
-"""`adaptclip` command line: serve, classify."""
+"""`adaptclip` command line: serve, classify, label, eval, quantize, edge."""
 from __future__ import annotations
 
 import argparse
@@ -208,11 +208,14 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _serve_parser(sub)
     _classify_parser(sub)
-    from adaptclip.client import cli_label
+    from adaptclip.client import cli_edge, cli_eval, cli_label, cli_quantize
 
-    cli_label.add_parser(sub)
+    commands = {"serve": cmd_serve, "classify": cmd_classify}
+    for module, name in ((cli_label, "label"), (cli_eval, "eval"), (cli_quantize, "quantize"), (cli_edge, "edge")):
+        module.add_parser(sub)
+        commands[name] = module.run
     args = parser.parse_args(argv)
-    return {"serve": cmd_serve, "classify": cmd_classify, "label": cli_label.run}[args.command](args)
+    return commands[args.command](args)
 
 
 if __name__ == "__main__":

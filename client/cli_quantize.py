@@ -1,0 +1,66 @@
+"""`adaptclip quantize`: data-free (SPDFQ) or calibrated INT8/INT4 ONNX bundle for the edge runner."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("quantize", help="quantise a model's image tower into an ONNX edge bundle")
+    p.add_argument("--model", required=True, help="open_clip model name, or a JSON model config file")
+    p.add_argument("--pretrained", help="open_clip pretrained tag or a local checkpoint path")
+    p.add_argument("--random-init", action="store_true", help="RANDOM weights (tests and speed benchmarks only)")
+    labels = p.add_mutually_exclusive_group(required=True)
+    labels.add_argument("--labels", help="comma-separated labels")
+    labels.add_argument("--labels-file", help="one label per line")
+    p.add_argument("--templates-file", help="one prompt template per line, with {} for the label")
+    p.add_argument("--label-set-name", default="default", help="name of the label set in the bundle")
+    p.add_argument("--calib", default="spdfq", help="spdfq (data-free, default) | gaussian | real:DIR")
+    p.add_argument("--bits", choices=["w8a8", "w4a8"], default="w8a8")
+    p.add_argument("-o", "--output", required=True, metavar="BUNDLE_DIR", help="bundle folder (new or empty)")
+    p.add_argument("--n-calib", type=int, default=32, help="calibration images")
+    p.add_argument("--n-check", type=int, default=16, help="held-out images for the agreement check")
+    p.add_argument("--check-images", metavar="DIR", help="real images for the agreement check instead")
+    p.add_argument("--iters", type=int, default=500, help="SPDFQ synthesis iterations")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--min-cosine", type=float, default=0.98,
+                   help="fail unless the mean embedding cosine to fp32 on held-out images reaches this")
+    p.add_argument("--ops", choices=["linear", "all"], default="linear", help="which ops get quantised")
+    p.add_argument("--attention", choices=["fp32", "int8"], default="fp32", help="attention probabilities")
+    p.add_argument("--calib-method", choices=["minmax", "percentile", "entropy"], default="minmax")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    from adaptclip.client.client import load_lines
+    from adaptclip.compression.bundle import BundleConfig, build_bundle
+    from adaptclip.compression.export import ExportError, QuantConfig
+    from adaptclip.compression.spdfq import SynthesisConfig
+    from adaptclip.server.config import ModelSpec
+    from adaptclip.server.labels import DEFAULT_TEMPLATES
+    from adaptclip.server.models import ModelLoadError, load_model
+
+    labels = load_lines(args.labels_file) if args.labels_file else [x.strip() for x in args.labels.split(",") if x.strip()]
+    templates = tuple(load_lines(args.templates_file)) if args.templates_file else DEFAULT_TEMPLATES
+    if not labels:
+        print("adaptclip quantize: no labels given", file=sys.stderr)
+        return 2
+    cfg = BundleConfig(calib=args.calib, n_calib=args.n_calib, n_check=args.n_check, check_images=args.check_images,
+                       min_cosine=args.min_cosine,
+                       quant=QuantConfig(bits=args.bits, ops=args.ops, calib_method=args.calib_method,
+                                         attention=args.attention),
+                       synthesis=SynthesisConfig(iters=args.iters, seed=args.seed, progress=not args.quiet))
+    try:
+        hosted = load_model(ModelSpec(model=args.model, pretrained=args.pretrained, device="cpu",
+                                      random_init=args.random_init))
+        manifest = build_bundle(hosted, {args.label_set_name: (tuple(labels), templates)}, args.output, cfg)
+    except (ModelLoadError, ExportError, ValueError, OSError) as exc:
+        print(f"adaptclip quantize: {exc}", file=sys.stderr)
+        return 1
+    a, s = manifest["agreement"], manifest["sizes"]
+    print(json.dumps({"bundle": args.output, "bits": args.bits, "calib": args.calib,
+                      "cosine_mean": a["cosine_mean"], "cosine_min": a["cosine_min"],
+                      "top1_agreement": a["top1_agreement"], "model_bytes": s["model_bytes"],
+                      "fp32_onnx_bytes": s["fp32_onnx_bytes"]}))
+    return 0

@@ -1,0 +1,211 @@
+"""Image tower -> ONNX -> static QDQ INT8/INT4 (onnxruntime.quantization), checked against fp32.
+
+The export is opset 17 with a dynamic batch axis, checked by onnx.checker and by comparing its
+embeddings with torch's. Quantisation is onnxruntime's static QDQ with per-channel weights, fed by
+a CalibrationDataReader over the chosen calibration images (SPDFQ, Gaussian or real). By default
+only the linear ops (MatMul, Gemm, Conv) are quantised and the attention probabilities stay fp32
+(the paper quantises post-softmax attention with a log2 quantiser because uniform INT8 loses its
+small values; onnxruntime has no log2 quantiser, so the softmax output is left unquantised).
+"""
+from __future__ import annotations
+
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                      quant_pre_process, quantize_static)
+from torch import nn
+
+INPUT_NAME, OUTPUT_NAME = "pixels", "embedding"
+# bits -> (weight type, activation type). w4a4 is for accuracy studies only: onnxruntime has no
+# kernels for int4 activations, so such a model runs only with graph optimisations off (QDQ
+# simulated in fp32), and bundles refuse it.
+BITS = {"w8a8": (QuantType.QInt8, QuantType.QUInt8), "w4a8": (QuantType.QInt4, QuantType.QUInt8),
+        "w4a4": (QuantType.QInt4, QuantType.QUInt4)}
+SIMULATED_ONLY = {"w4a4"}
+CALIB_METHODS = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+                 "entropy": CalibrationMethod.Entropy}
+LINEAR_OPS = ["MatMul", "Gemm", "Conv"]
+
+
+class ExportError(RuntimeError):
+    """The exported or quantised model does not agree with the fp32 model well enough."""
+
+
+@dataclass
+class QuantConfig:
+    """How to quantise: bit widths, which ops, the calibration statistic, attention handling."""
+
+    bits: str = "w8a8"
+    ops: str = "linear"  # "linear": MatMul/Gemm/Conv only; "all": every op onnxruntime can quantise
+    calib_method: str = "minmax"
+    attention: str = "fp32"  # "fp32": attention probabilities unquantised; "int8": uniform like the rest
+    per_channel: bool = True
+    calib_batch: int = 8
+
+    def validate(self) -> None:
+        for name, value, allowed in (("bits", self.bits, BITS), ("ops", self.ops, ("linear", "all")),
+                                     ("calib_method", self.calib_method, CALIB_METHODS),
+                                     ("attention", self.attention, ("fp32", "int8"))):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}, not {value!r}")
+
+
+class ImageTower(nn.Module):
+    """The CLIP image tower as exported: normalised pixels [N, 3, S, S] -> unnormalised embedding [N, D]."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.visual = model.visual
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.visual(pixels)
+
+
+def session(path: str | Path, providers: list[str] | None = None, optimize: bool = True,
+            threads: int = 0) -> ort.InferenceSession:
+    """An onnxruntime session; optimize=False runs the QDQ graph as written (needed for int4 activations)."""
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.intra_op_num_threads = threads
+    if not optimize:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(str(path), opts, providers=providers or ["CPUExecutionProvider"])
+
+
+def run_onnx(sess: ort.InferenceSession, pixels: np.ndarray, batch: int = 64) -> np.ndarray:
+    """Embeddings of [N, 3, S, S] pixels, in batches."""
+    return np.concatenate([sess.run(None, {INPUT_NAME: np.ascontiguousarray(pixels[i:i + batch], np.float32)})[0]
+                           for i in range(0, len(pixels), batch)])
+
+
+@torch.inference_mode()
+def torch_embeddings(model: nn.Module, pixels: torch.Tensor, batch: int = 64) -> np.ndarray:
+    return torch.cat([model.visual(pixels[i:i + batch].float()) for i in range(0, len(pixels), batch)]).numpy()
+
+
+def export_image_tower(model: nn.Module, path: str | Path, image_size: int, opset: int = 17,
+                       atol: float = 1e-3) -> Path:
+    """Export to ONNX (dynamic batch), run onnx.checker, and compare with torch on a batch of 3."""
+    path = Path(path)
+    tower = ImageTower(model).eval().float()
+    probe = torch.randn(3, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)  # the fused MHA kernel has no ONNX export
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notices
+            torch.onnx.export(tower, (probe[:2],), str(path), dynamo=False, input_names=[INPUT_NAME],
+                              output_names=[OUTPUT_NAME], opset_version=opset,
+                              dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+    onnx.checker.check_model(str(path))
+    got = run_onnx(session(path), probe.numpy())
+    want = torch_embeddings(model, probe)
+    err = float(np.abs(got - want).max())
+    if not np.allclose(got, want, atol=atol, rtol=1e-3):
+        raise ExportError(f"ONNX export disagrees with torch: max abs difference {err:.2e} > {atol:.0e}")
+    return path
+
+
+class ArrayReader(CalibrationDataReader):
+    """Feeds calibration images [N, 3, S, S] to onnxruntime's calibrator in batches."""
+
+    def __init__(self, pixels: np.ndarray, batch: int) -> None:
+        self._batches = [{INPUT_NAME: np.ascontiguousarray(pixels[i:i + batch], np.float32)}
+                         for i in range(0, len(pixels), batch)]
+        self._it = iter(self._batches)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._it, None)
+
+    def rewind(self) -> None:
+        self._it = iter(self._batches)
+
+
+def softmax_consumers(model: onnx.ModelProto) -> list[str]:
+    """Names of the nodes that take a Softmax output (attention probabilities @ V)."""
+    outs = {o for n in model.graph.node if n.op_type == "Softmax" for o in n.output}
+    return [n.name for n in model.graph.node if any(i in outs for i in n.input)]
+
+
+def quantize(fp32_path: str | Path, out_path: str | Path, calib: np.ndarray, cfg: QuantConfig) -> Path:
+    """Static QDQ quantisation of an exported tower with the given calibration images."""
+    cfg.validate()
+    out_path = Path(out_path)
+    with tempfile.TemporaryDirectory() as tmp:
+        pre = Path(tmp) / "pre.onnx"
+        # Symbolic shape inference cannot follow nn.MultiheadAttention's reshapes; ONNX's own suffices.
+        quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
+        model = onnx.load(str(pre))
+        if any(not n.name for n in model.graph.node):
+            for i, n in enumerate(model.graph.node):
+                n.name = n.name or f"{n.op_type}_{i}"
+            onnx.save(model, str(pre))
+        exclude = softmax_consumers(model) if cfg.attention == "fp32" else []
+        quantize_static(str(pre), str(out_path), ArrayReader(calib, cfg.calib_batch), quant_format=QuantFormat.QDQ,
+                        per_channel=cfg.per_channel, weight_type=BITS[cfg.bits][0], activation_type=BITS[cfg.bits][1],
+                        calibrate_method=CALIB_METHODS[cfg.calib_method],
+                        op_types_to_quantize=LINEAR_OPS if cfg.ops == "linear" else None,
+                        nodes_to_exclude=exclude, extra_options={"CalibPercentile": 99.99})
+    onnx.checker.check_model(str(out_path))
+    return out_path
+
+
+@dataclass
+class Agreement:
+    """How closely a quantised model follows fp32 on some images."""
+
+    n_images: int
+    cosine_mean: float
+    cosine_min: float
+    top1_agreement: dict[str, float]
+
+    def as_dict(self) -> dict:
+        return {"n_images": self.n_images, "cosine_mean": round(self.cosine_mean, 6),
+                "cosine_min": round(self.cosine_min, 6),
+                "top1_agreement": {k: round(v, 6) for k, v in self.top1_agreement.items()}}
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=-1, keepdims=True).clip(1e-12)
+
+
+def agreement(reference: np.ndarray, candidate: np.ndarray, classifiers: dict[str, np.ndarray]) -> Agreement:
+    """Cosine similarity of embeddings and top-1 agreement under each label set's classifier."""
+    ref, cand = _unit(reference), _unit(candidate)
+    cos = (ref * cand).sum(-1)
+    top1 = {name: float(((ref @ w.T).argmax(-1) == (cand @ w.T).argmax(-1)).mean()) for name, w in classifiers.items()}
+    return Agreement(len(ref), float(cos.mean()), float(cos.min()), top1)
+
+
+def check_agreement(result: Agreement, min_cosine: float, what: str) -> None:
+    """Refuse a quantised model whose mean embedding cosine to fp32 is below the threshold."""
+    if result.cosine_mean < min_cosine:
+        raise ExportError(
+            f"{what} does not agree with the fp32 model: mean cosine similarity of embeddings "
+            f"{result.cosine_mean:.4f} (min {result.cosine_min:.4f}, top-1 agreement "
+            f"{', '.join(f'{k} {v:.3f}' for k, v in result.top1_agreement.items())}) on {result.n_images} "
+            f"held-out images is below the threshold {min_cosine}. Try more or better calibration images "
+            f"(--calib spdfq or real:DIR), w8a8 instead of w4a8, or lower --min-cosine knowingly.")
+
+
+def quantize_weight_only_int4(fp32_path: str | Path, out_path: str | Path, block_size: int = 32,
+                              accuracy_level: int = 4) -> Path:
+    """onnxruntime's MatMulNBits: int4 block-wise weights, no calibration; accuracy_level 4 makes the
+    CPU kernel quantise activations to int8 on the fly (dynamic, so calibration data plays no part)."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    quantizer = MatMulNBitsQuantizer(onnx.load(str(fp32_path)), bits=4, block_size=block_size, is_symmetric=True,
+                                     accuracy_level=accuracy_level)
+    quantizer.process()
+    quantizer.model.save_model_to_file(str(out_path), use_external_data_format=False)
+    onnx.checker.check_model(str(out_path))
+    return Path(out_path)
