@@ -50,6 +50,21 @@ def tiny_spec(tiny_checkpoint: Path) -> ModelSpec:
     return ModelSpec(model=str(TINY_CONFIG), pretrained=str(tiny_checkpoint), device="cpu")
 
 
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """Many tiny forward/backward passes: on a busy 2-core machine two threads are far slower than one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def hosted(tiny_spec: ModelSpec) -> HostedModel:
+    """The tiny model loaded as the server loads it (outside any server)."""
+    return load_model(tiny_spec)
+
+
 class ServerThread:
     """An App on its own event loop in a thread, so tests can use the blocking client."""
 

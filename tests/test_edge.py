@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +19,9 @@ from adaptclip.compression.bundle import BundleConfig, build_bundle
 from adaptclip.compression.edge import EdgeModel, preprocess_image
 from adaptclip.compression.export import QuantConfig, agreement, torch_embeddings
 from adaptclip.compression.spdfq import SynthesisConfig
-from adaptclip.server.config import ModelSpec
-from adaptclip.server.models import HostedModel, load_model
+from adaptclip.server.models import HostedModel
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 LABELS = ("cat", "dog", "car", "tree", "boat")
 MEAN, STD = open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD
@@ -37,19 +37,6 @@ def photo(w: int, h: int, seed: int, mode: str = "RGB") -> Image.Image:
         arr[y0:y0 + h // 5, x0:x0 + w // 6] = rng.integers(0, 255, 3)
     arr += rng.normal(0, 6, arr.shape)
     return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)).convert(mode)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def hosted(tiny_spec: ModelSpec) -> HostedModel:
-    return load_model(tiny_spec)
 
 
 @pytest.fixture(scope="module")

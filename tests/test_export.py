@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -16,28 +15,16 @@ from adaptclip.compression.bundle import BundleConfig, build_bundle
 from adaptclip.compression.export import (ExportError, QuantConfig, agreement, export_image_tower, quantize,
                                           run_onnx, session, torch_embeddings)
 from adaptclip.compression.spdfq import SynthesisConfig
-from adaptclip.server.config import ModelSpec
-from adaptclip.server.models import HostedModel, load_model
+from adaptclip.server.models import HostedModel
 from conftest import TINY_CONFIG
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 LABEL_SETS = {"animals": (("cat", "dog", "bird", "fish"), ("a photo of a {}.", "a {}.")),
               "things": (("car", "boat", "house"), ("a photo of a {}.",))}
 # The tiny model is random-init (no trained weights in a fresh clone). Its embeddings come out of a
 # few small matmuls, so INT8 keeps them very close to fp32: measured mean cosine ~0.9996 (W8A8).
 MIN_COSINE_W8A8 = 0.99
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def hosted(tiny_spec: ModelSpec) -> HostedModel:
-    return load_model(tiny_spec)
 
 
 def quick(calib: str = "spdfq", bits: str = "w8a8", min_cosine: float = MIN_COSINE_W8A8, **kw) -> BundleConfig:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -13,24 +12,11 @@ from PIL import Image
 from adaptclip.compression.spdfq import (AttentionRecorder, Synthesiser, SynthesisConfig, cls_attention,
                                          crop_regions, gaussian_images, gaussian_mixture_priors, later_half,
                                          real_images, sample_regions, soft_cross_entropy, soft_labels, total_variation)
-from adaptclip.server.config import ModelSpec
-from adaptclip.server.models import HostedModel, load_model
+from adaptclip.server.models import HostedModel
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 LABELS = ("cat", "dog", "car", "tree", "boat")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Many tiny backward passes: on a busy 2-core machine two threads are tens of times slower than one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def hosted(tiny_spec: ModelSpec) -> HostedModel:
-    return load_model(tiny_spec)
 
 
 @pytest.fixture(scope="module")
