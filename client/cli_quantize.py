@@ -29,6 +29,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--ops", choices=["linear", "all"], default="linear", help="which ops get quantised")
     p.add_argument("--attention", choices=["fp32", "int8"], default="fp32", help="attention probabilities")
     p.add_argument("--calib-method", choices=["minmax", "percentile", "entropy"], default="minmax")
+    p.add_argument("--threads", type=int, help="torch CPU threads for the synthesis (1 is fastest on a busy machine)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -41,6 +42,10 @@ def run(args: argparse.Namespace) -> int:
     from adaptclip.server.labels import DEFAULT_TEMPLATES
     from adaptclip.server.models import ModelLoadError, load_model
 
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     labels = load_lines(args.labels_file) if args.labels_file else [x.strip() for x in args.labels.split(",") if x.strip()]
     templates = tuple(load_lines(args.templates_file)) if args.templates_file else DEFAULT_TEMPLATES
     if not labels:
