@@ -17,7 +17,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 from PIL import Image
 
 BUNDLE_FORMAT = "adaptclip-edge-bundle/1"
@@ -26,6 +25,8 @@ _INTERPOLATION = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampl
 
 def default_providers() -> list[str]:
     """CUDA when this onnxruntime build has it (onnxruntime-gpu), else CPU."""
+    import onnxruntime as ort
+
     available = ort.get_available_providers()
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
 
@@ -71,6 +72,8 @@ class EdgeModel:
         if self.manifest.get("format") != BUNDLE_FORMAT:
             raise ValueError(f"{manifest_path}: format {self.manifest.get('format')!r}, expected {BUNDLE_FORMAT!r}")
         onnx_cfg = self.manifest["onnx"]
+        import onnxruntime as ort  # here, not at import: the `adaptclip` CLI builds this parser on every call
+
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
         self.session = ort.InferenceSession(str(self.root / onnx_cfg["file"]), opts,
