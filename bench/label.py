@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 LABELS = ["airplane", "car", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-LABEL_CMD = [sys.executable, "-m", "adaptclip.client.cli_label"]
+LABEL_CMD = [sys.executable, "-m", "adaptclip.client.cli", "label"]
 SUMMARY = re.compile(r"label: (\d+) done, .* in ([\d.]+) s")
 
 
