@@ -52,9 +52,16 @@ def kept_views(view_logits: Tensor, ratio: float) -> Tensor:
     return torch.argsort(entropy, stable=True)[:k]
 
 
+MIN_AGREEING = 2
+
+
 def views_agree(view_logits: Tensor, ratio: float) -> bool:
-    """True when the confidence-selected views all predict the same class (early exit for chunks)."""
-    top = view_logits[kept_views(view_logits, ratio)].argmax(-1)
+    """True when at least MIN_AGREEING confidence-selected views all predict the same class (early exit
+    for chunks). A selection of one view would "agree" with itself and stop after every first chunk."""
+    kept = kept_views(view_logits, ratio)
+    if kept.numel() < MIN_AGREEING:
+        return False
+    top = view_logits[kept].argmax(-1)
     return bool((top == top[0]).all())
 
 

@@ -63,6 +63,9 @@ def zero_logits(view_logits: Tensor, selection_ratio: float = 0.3) -> Tensor:
     return probs if view_logits.ndim == 3 else probs[0]
 
 
+CLASS_CHUNK = 128  # prompts per text-tower pass with autograd (see tpt_logits)
+
+
 class _TextTower:
     """The pieces of an open_clip text tower needed to encode prompt *embeddings*.
 
@@ -101,7 +104,7 @@ class _TextTower:
 def tpt_logits(model: nn.Module, tokenizer: Callable[[Sequence[str]], Tensor],
                classnames: Sequence[str], image_feats_views: Tensor, *, logit_scale: float,
                n_ctx: int = 4, ctx_init: str = "a photo of a", lr: float = 5e-3, steps: int = 1,
-               selection_ratio: float = 0.1) -> Tensor:
+               selection_ratio: float = 0.1, class_chunk: int | None = CLASS_CHUNK) -> Tensor:
     """TPT: tune a shared prompt context on the views' marginal entropy, then score view 0.
 
     Prompts are "{ctx_init} {classname}." whose n_ctx context tokens (positions 1..n_ctx, after
@@ -115,6 +118,11 @@ def tpt_logits(model: nn.Module, tokenizer: Callable[[Sequence[str]], Tensor],
     The model is never modified: its parameters are only read and gradients are taken w.r.t.
     the context alone (torch.autograd.grad), so no parameter's .grad or requires_grad is
     touched. The model's train/eval mode is used as is (call it in eval mode).
+    class_chunk bounds memory: with more classes than that, the text tower runs over at most
+    class_chunk prompts at a time. The gradient stays exact: the class embeddings are computed
+    without autograd, the loss's gradient w.r.t. them is taken, and each chunk is re-encoded with
+    autograd and back-propagated with its slice of that gradient (one extra text-tower forward;
+    all 1,000 ImageNet prompts at once need tens of GB). None = all classes at once, as the paper.
     Deviations: the official code runs under fp16 autocast with a GradScaler; this runs in the
     model's dtype. The official code sets n_ctx to the word count of ctx_init; here ctx_init
     must tokenise to exactly n_ctx tokens.
@@ -130,6 +138,9 @@ def tpt_logits(model: nn.Module, tokenizer: Callable[[Sequence[str]], Tensor],
     _check_ratio(selection_ratio)
     if not classnames:
         raise ValueError("classnames must not be empty")
+    if class_chunk is not None and (isinstance(class_chunk, bool) or not isinstance(class_chunk, int)
+                                    or class_chunk < 1):
+        raise ValueError(f"class_chunk must be an int >= 1 or None, got {class_chunk!r}")
     if image_feats_views.ndim != 2 or image_feats_views.shape[0] < 1:
         raise ValueError(f"image_feats_views must be [V, D], got {tuple(image_feats_views.shape)}")
     tower = _TextTower(model)
@@ -151,22 +162,35 @@ def tpt_logits(model: nn.Module, tokenizer: Callable[[Sequence[str]], Tensor],
         ctx = nn.Parameter(embeddings[0, 1:1 + n_ctx].clone())
         optimizer = torch.optim.AdamW([ctx], lr=lr)  # torch default weight decay, as the official code
 
-        def class_embeddings() -> Tensor:
-            prompts = torch.cat([embeddings[:, :1], ctx.unsqueeze(0).expand(len(classnames), -1, -1),
-                                 embeddings[:, 1 + n_ctx:]], dim=1)
-            return F.normalize(tower.encode(prompts, ids), dim=-1)
+        chunks = [slice(lo, lo + (class_chunk or len(classnames))) for lo in
+                  range(0, len(classnames), class_chunk or len(classnames))]
+
+        def class_embeddings(part: slice = slice(None)) -> Tensor:
+            emb = embeddings[part]
+            prompts = torch.cat([emb[:, :1], ctx.unsqueeze(0).expand(emb.shape[0], -1, -1),
+                                 emb[:, 1 + n_ctx:]], dim=1)
+            return F.normalize(tower.encode(prompts, ids[part]), dim=-1)
+
+        def all_class_embeddings() -> Tensor:
+            with torch.no_grad():
+                return torch.cat([class_embeddings(part) for part in chunks])
 
         selected = None
         for _ in range(steps):
-            logits = logit_scale * feats.to(ctx.dtype) @ class_embeddings().T
+            weights = class_embeddings() if len(chunks) == 1 else all_class_embeddings().requires_grad_()
+            logits = logit_scale * feats.to(ctx.dtype) @ weights.T
             if selected is None:
                 order, k = _confident_views(logits.detach(), selection_ratio)
                 selected = order[:k]
             loss = _marginal_entropy(logits[selected])
-            (ctx.grad,) = torch.autograd.grad(loss, [ctx])
+            if len(chunks) == 1:
+                (ctx.grad,) = torch.autograd.grad(loss, [ctx])
+            else:
+                (grad_weights,) = torch.autograd.grad(loss, [weights])
+                ctx.grad = sum(torch.autograd.grad(class_embeddings(part), [ctx], grad_weights[part])[0]
+                               for part in chunks)
             optimizer.step()
-        with torch.no_grad():
-            return logit_scale * feats[0].to(ctx.dtype) @ class_embeddings().T
+        return logit_scale * feats[0].to(ctx.dtype) @ all_class_embeddings().T
 
 
 def _marginal_entropy(logits: Tensor) -> Tensor:

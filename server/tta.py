@@ -18,7 +18,8 @@ import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 from PIL import Image
 
-from adaptclip.adapt.methods import MethodResult, TextSide, adapt_views, normalized_entropy, views_agree
+from adaptclip.adapt.methods import (MethodResult, TextSide, adapt_views, normalized_entropy, skips_views,
+                                     stops_after, view_chunks)
 from adaptclip.adapt.settings import AdaptSettings
 from adaptclip.adapt.views import ViewGenerator
 from adaptclip.server.cache import SCHEMA
@@ -210,20 +211,17 @@ async def classify_with_adaptation(hosted: HostedModel, views: ImageViews, class
     out = Adapted(zero_shot, None, report, 0)
     if s.method == "none":
         return out
-    if entropy < s.skip_entropy:
+    if skips_views(s, entropy):
         report.skipped = True
         report.note = f"original view confident (normalised entropy {entropy:.3f} < {s.skip_entropy:g}): no views"
         return out
     start = time.perf_counter()
-    chunk = s.view_chunk or max(1, s.views - 1)
     n = 1
-    while n < s.views:
-        n = min(s.views, n + chunk)
+    for _, n in view_chunks(s):
         feats = await views.first(n)
-        if s.view_chunk and n < s.views:
-            if views_agree(hosted.logit_scale * F.normalize(feats, dim=-1) @ classifier.T, s.ratio):
-                report.note = f"selected views agreed after {n} views"
-                break
+        if stops_after(s, n, hosted.logit_scale * F.normalize(feats, dim=-1) @ classifier.T):
+            report.note = f"selected views agreed after {n} views"
+            break
     view_feats = views.feats[:n]
     loop = asyncio.get_running_loop()
     if s.method == "tpt":

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from adaptclip.adapt.evaluate import EvalPlan, evaluate, load_folder, views_used
-from adaptclip.adapt.methods import skips_views, view_chunks
+from adaptclip.adapt.methods import skips_views, view_chunks, views_agree
 from adaptclip.adapt.metrics import classification_metrics, ranked_classes
 from adaptclip.adapt.settings import AdaptSettings
 from adaptclip.adapt.shifts import SHIFT_NAMES, SUITE, get_shift
@@ -93,13 +93,22 @@ def test_chunk_helpers_follow_the_server_loop() -> None:
     assert view_chunks(s.replace(views=1)) == []
     assert skips_views(s.replace(skip_entropy=0.5), 0.4) and not skips_views(s.replace(skip_entropy=0.5), 0.5)
     assert not skips_views(s.replace(method="none", skip_entropy=1.0), 0.1)
-    # All views predict class 0: the selected views agree after the first chunk.
+    # All views predict class 0. At ratio 0.1, 17 views select one view, which cannot "agree" on its
+    # own; 33 views select three, which agree.
     agreeing = torch.tensor([[5.0, 0.0]]).repeat(64, 1)
-    assert views_used(s, agreeing) == 17
+    assert views_used(s, agreeing) == 33
+    assert views_used(s.replace(selection_ratio=0.2), agreeing) == 17
     assert views_used(s.replace(view_chunk=0), agreeing) == 64
     # Views alternate their argmax and equal entropy: the selection never agrees, all views are used.
     split = torch.tensor([[5.0, 0.0], [0.0, 5.0]]).repeat(32, 1)
     assert views_used(s.replace(selection_ratio=0.5), split) == 64
+
+
+def test_one_selected_view_never_counts_as_agreement() -> None:
+    one = torch.tensor([[5.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
+    assert not views_agree(one, 0.1) and not views_agree(one[:1], 1.0)
+    assert views_agree(one, 0.7) is False  # two selected, different classes
+    assert views_agree(torch.tensor([[5.0, 0.0], [4.0, 0.0], [0.0, 1.0]]), 0.7)
 
 
 def _plan(**kw) -> EvalPlan:

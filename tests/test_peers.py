@@ -116,6 +116,19 @@ def test_tpt_under_inference_mode(tiny_model):
     torch.testing.assert_close(got, expected)
 
 
+@pytest.mark.parametrize("class_chunk", [1, 2, 3])
+def test_tpt_chunked_over_classes_equals_all_at_once(tiny_model, class_chunk):
+    """Chunking the text tower bounds memory but must not change the gradient or the answer."""
+    model, tokenizer = tiny_model
+    assert len(CLASSES) > class_chunk
+    whole = tpt_logits(model, tokenizer, CLASSES, _image_feats(), logit_scale=50.0, steps=2, class_chunk=None)
+    chunked = tpt_logits(model, tokenizer, CLASSES, _image_feats(), logit_scale=50.0, steps=2,
+                         class_chunk=class_chunk)
+    plain = tpt_logits(model, tokenizer, CLASSES, _image_feats(), logit_scale=50.0, steps=0)
+    assert (whole - plain).abs().max() > 1e-4
+    torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=1e-5)
+
+
 def test_tpt_rejects_unsupported_text_towers():
     with pytest.raises(ValueError, match="text towers"):
         tpt_logits(torch.nn.Linear(2, 2), lambda texts: torch.zeros(len(texts), 4, dtype=torch.long),
@@ -125,6 +138,7 @@ def test_tpt_rejects_unsupported_text_towers():
 @pytest.mark.parametrize("bad, name", [
     (dict(steps=-1), "steps"), (dict(lr=0.0), "lr"), (dict(selection_ratio=2.0), "selection_ratio"),
     (dict(n_ctx=3), "n_ctx"), (dict(logit_scale=float("nan")), "logit_scale"),
+    (dict(class_chunk=0), "class_chunk"),
 ])
 def test_tpt_invalid_arguments(tiny_model, bad, name):
     model, tokenizer = tiny_model

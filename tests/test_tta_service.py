@@ -61,7 +61,7 @@ def test_confidence_gate_skips_views(client):
 def test_view_chunks_stop_early_when_selected_views_agree(client):
     encoded = [_classify(client, A(method=A.ZERO, views=64, view_chunk=8, selection_ratio=0.1, seed=s), seed_img=s)
                .adaptation.views_encoded for s in range(6)]
-    assert all(9 <= n <= 64 for n in encoded)
+    assert all(25 <= n <= 64 for n in encoded), "10% of fewer than 20 views is one view: no agreement test"
     assert min(encoded) < 64, "with 10% of a handful of views selected, some image should stop early"
 
 
