@@ -12,6 +12,7 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model (replaces the config file's model list)")
     g.add_argument("--model", help="open_clip model name, or a JSON model config file")
     g.add_argument("--pretrained", help="open_clip pretrained tag (downloaded) or a local checkpoint path")
+    g.add_argument("--bundle", help="serve an exported edge bundle folder (adaptclip quantize) through onnxruntime")
     g.add_argument("--name", help="served model name (default: the model name / JSON file stem)")
     g.add_argument("--device", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
     g.add_argument("--precision", choices=["fp32", "fp16", "bf16"])
@@ -58,7 +59,8 @@ def _classify_parser(sub: argparse._SubParsersAction) -> None:
 
 def add_tta_flags(p: argparse.ArgumentParser) -> None:
     tta = p.add_argument_group("test-time adaptation (unset values take the model's defaults)")
-    tta.add_argument("--tta", choices=["none", "gs_bias", "zero", "tpt"], default="none")
+    tta.add_argument("--tta", choices=["none", "gs_bias", "zero", "tpt"],
+                     help="adaptation method (default: the model's, which is none unless its config says)")
     tta.add_argument("--views", type=int, help="views per image, the original included")
     tta.add_argument("--seed", type=int, help="view sampling seed (same seed, same answer)")
     tta.add_argument("--skip-entropy", type=float, help="answer zero-shot when normalised entropy is below this")
@@ -72,7 +74,13 @@ def build_config(args: argparse.Namespace):
         return getattr(args, name, None)
 
     cfg = load_config(flag("config"))
-    if args.model or args.pretrained or args.random_init:
+    if flag("bundle"):
+        if args.model or args.pretrained or args.random_init:
+            raise ValueError("--bundle serves an exported bundle; it does not go with --model/--pretrained/--random-init")
+        base = cfg.default_model
+        cfg.models = [ModelSpec(bundle=args.bundle, name=args.name, device=args.device or "auto",
+                                adaptation=dict(base.adaptation) if base.bundle else {})]
+    elif args.model or args.pretrained or args.random_init:
         base = cfg.default_model
         cfg.models = [ModelSpec(model=args.model or base.model,
                                 pretrained=args.pretrained if args.pretrained else (None if args.model else base.pretrained),
@@ -150,7 +158,8 @@ def adaptation_from_args(args: argparse.Namespace):
     """The Adaptation message for --tta/--views/--seed/--skip-entropy (unset flags stay unset)."""
     from adaptclip.v1 import classifier_pb2 as pb
 
-    msg = pb.Adaptation(method=pb.Adaptation.Method.Value(args.tta.upper()))
+    msg = pb.Adaptation(method=pb.Adaptation.Method.Value(args.tta.upper()) if args.tta
+                        else pb.Adaptation.METHOD_UNSPECIFIED)
     for flag, name in (("views", "views"), ("seed", "seed"), ("skip_entropy", "skip_entropy")):
         if getattr(args, flag) is not None:
             setattr(msg, name, getattr(args, flag))

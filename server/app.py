@@ -11,6 +11,7 @@ from grpc_reflection.v1alpha import reflection
 
 from adaptclip.server.cache import Cache, MemoryBackend, RedisBackend
 from adaptclip.server.config import CacheConfig, ServerConfig
+from adaptclip.server.bundled import load_bundle
 from adaptclip.server.models import HostedModel, attach_batcher, load_model, warm_up
 from adaptclip.server.service import ClassifierService
 from adaptclip.v1 import classifier_pb2 as pb
@@ -22,17 +23,20 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Classifier"].full_name
 
 def load_models(cfg: ServerConfig) -> list[HostedModel]:
     """Load, check and warm every configured model (blocking; run it off the event loop)."""
-    names = [spec.name or spec.model for spec in cfg.models]
-    if len(set(names)) != len(names):
-        raise ValueError(f"model names must be unique, got {names}; set `name` per model")
-    hosted = []
+    hosted: list[HostedModel] = []
     for spec in cfg.models:
-        log.info("loading model %s (pretrained=%s, device=%s, precision=%s)", spec.model,
-                 "RANDOM INIT" if spec.random_init else spec.pretrained, spec.device, spec.precision)
-        m = load_model(spec)
+        if spec.bundle:
+            log.info("loading bundle %s (onnxruntime, device=%s)", spec.bundle, spec.device)
+            m = load_bundle(spec)
+        else:
+            log.info("loading model %s (pretrained=%s, device=%s, precision=%s)", spec.model,
+                     "RANDOM INIT" if spec.random_init else spec.pretrained, spec.device, spec.precision)
+            m = load_model(spec)
+        if any(h.name == m.name for h in hosted):
+            raise ValueError(f"two models are named '{m.name}'; set `name` per model")
         warm_up(m)
-        log.info("model %s ready: embed_dim=%d image_size=%d logit_scale=%.3f fingerprint=%s",
-                 m.name, m.embed_dim, m.image_size, m.logit_scale, m.fingerprint)
+        log.info("model %s ready (%s): embed_dim=%d image_size=%d logit_scale=%.3f fingerprint=%s",
+                 m.name, m.runtime, m.embed_dim, m.image_size, m.logit_scale, m.fingerprint)
         hosted.append(m)
     return hosted
 

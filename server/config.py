@@ -31,6 +31,9 @@ class ModelSpec:
     token_reduce_at: list[int] | None = None  # 0-based blocks; None = after 1/4, 1/2, 3/4 of the depth
     token_fuse: bool = True  # merge dropped tokens into one (EViT)
     token_score_layers: int = 1  # CLS attention summed over this many blocks (VTC-CLS when > 1)
+    # An exported edge bundle folder (`adaptclip quantize`) served through onnxruntime instead of
+    # torch; model/pretrained/precision are then unused (the bundle says what it is).
+    bundle: str | None = None
 
 
 @dataclass

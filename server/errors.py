@@ -19,3 +19,8 @@ def invalid(field: str, message: str) -> RequestError:
 
 def not_found(field: str, message: str) -> RequestError:
     return RequestError(grpc.StatusCode.NOT_FOUND, field, message)
+
+
+def failed_precondition(field: str, message: str) -> RequestError:
+    """A valid request this model cannot serve (e.g. TPT on a bundle without a text tower)."""
+    return RequestError(grpc.StatusCode.FAILED_PRECONDITION, field, message)

@@ -65,6 +65,7 @@ class LabelSetStore:
     def __init__(self, capacity: int) -> None:
         self._capacity = capacity
         self._sets: OrderedDict[str, LabelSetDef] = OrderedDict()
+        self._pinned: dict[str, LabelSetDef] = {}  # bundles' own label sets: never evicted
         self._classifiers: dict[tuple[str, str], asyncio.Future[torch.Tensor]] = {}
 
     def add(self, ls: LabelSetDef) -> LabelSetDef:
@@ -76,8 +77,14 @@ class LabelSetStore:
                 del self._classifiers[key]
         return ls
 
+    def pin(self, ls: LabelSetDef) -> None:
+        """Keep `ls` findable by id whatever the LRU evicts (a bundle's label sets)."""
+        self._pinned[ls.id] = ls
+
     def get(self, ls_id: str, field: str = "label_set_id") -> LabelSetDef:
-        ls = self._sets.get(ls_id)
+        ls = self._sets.get(ls_id) or self._pinned.get(ls_id)
+        if ls is not None and ls_id not in self._sets:
+            self.add(ls)
         if ls is None:
             raise not_found(field, f"unknown label set '{ls_id}' (register it with RegisterLabelSet, or send it inline)")
         self._sets.move_to_end(ls_id)

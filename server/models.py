@@ -63,9 +63,9 @@ class HostedModel:
 
     name: str
     spec: ModelSpec
-    model: torch.nn.Module
+    model: torch.nn.Module | None  # None for an exported bundle (server/bundled.py)
     preprocess: Callable[[Image.Image], torch.Tensor]
-    tokenizer: Callable[[list[str]], torch.Tensor]
+    tokenizer: Callable[[list[str]], torch.Tensor] | None
     device: torch.device
     dtype: torch.dtype
     fingerprint: str
@@ -97,6 +97,23 @@ class HostedModel:
     def has_patches(self) -> bool:
         return supports_patches(self.model)
 
+    @property
+    def has_text(self) -> bool:
+        """False for exported bundles: no TPT, no text embeddings, only their own label sets."""
+        return True
+
+    @property
+    def runtime(self) -> str:
+        return "torch"
+
+    @property
+    def precision(self) -> str:
+        return self.spec.precision
+
+    def supports(self, ls: Any) -> bool:
+        """Whether this model can classify with label set `ls` (any, given a text tower)."""
+        return True
+
     @torch.inference_mode()
     def encode_texts(self, texts: list[str], normalize: bool = True) -> torch.Tensor:
         tokens = self.tokenizer(texts).to(self.device)
@@ -113,7 +130,8 @@ class HostedModel:
         """A valid keep rate this model can run (ValueError naming `field` otherwise)."""
         rate = validate_keep_rate(value, field)
         if rate < 1.0 and self.compressor is None:
-            raise ValueError(f"{field}: model '{self.name}' has no token compression (not a plain ViT tower)")
+            why = "an exported bundle" if self.runtime != "torch" else "not a plain ViT tower"
+            raise ValueError(f"{field}: model '{self.name}' has no token compression ({why})")
         return rate
 
     def logits(self, feats: torch.Tensor, classifier: torch.Tensor) -> torch.Tensor:
@@ -195,4 +213,5 @@ def warm_up(hosted: HostedModel) -> None:
     hosted.encode_images(torch.zeros(1, 3, size, size))
     if hosted.spec.keep_rate < 1.0:
         hosted.encode_images(torch.zeros(1, 3, size, size), True, hosted.spec.keep_rate)
-    hosted.encode_texts(["a photo"])
+    if hosted.has_text:
+        hosted.encode_texts(["a photo"])

@@ -16,7 +16,7 @@ from PIL import Image
 import adaptclip
 from adaptclip.server.config import ServerConfig
 from adaptclip.server.decode import check_image_bytes, decode_image
-from adaptclip.server.errors import RequestError, invalid, not_found
+from adaptclip.server.errors import RequestError, failed_precondition, invalid, not_found
 from adaptclip.server.labels import LabelSetDef, LabelSetStore, validate_label_set
 from adaptclip.server.models import HostedModel
 from adaptclip.server.cache import Cache
@@ -44,6 +44,9 @@ class ClassifierService(pb_grpc.ClassifierServicer):
     def set_models(self, models: list[HostedModel]) -> None:
         self.models = {m.name: m for m in models}
         self.default_model = models[0].name
+        for m in models:
+            for _, ls in getattr(m, "bundled", ()):
+                self.labels.pin(ls)
         self.ready.set()
 
     async def close(self) -> None:
@@ -90,12 +93,17 @@ class ClassifierService(pb_grpc.ClassifierServicer):
         if req.top_k < 0:
             raise invalid("top_k", f"must be >= 0, got {req.top_k}")
         settings = settings_from_request(req.adaptation, hosted.adapt_defaults)
+        if settings.method == "tpt" and not hosted.has_text:
+            raise failed_precondition("adaptation.method", f"TPT tunes prompts through a text tower, and model "
+                                      f"'{hosted.name}' is an exported bundle without one; use gs_bias or zero")
         try:
             keep_rate = hosted.check_keep_rate(
                 req.token_keep_rate if req.HasField("token_keep_rate") else hosted.spec.keep_rate, "token_keep_rate")
         except ValueError as exc:
             raise invalid("token_keep_rate", str(exc).partition(": ")[2]) from None
         ls = self._label_set(req)
+        if not hosted.supports(ls):
+            raise failed_precondition(req.WhichOneof("labels"), hosted.label_set_hint())
         check_image_bytes(req.image, self.cfg.limits.max_image_bytes)
         fkey = feature_key(hosted.fingerprint, image_digest(req.image), settings, token_tag(hosted, keep_rate))
         rkey = result_key(fkey, ls.id, settings)
@@ -178,7 +186,10 @@ class ClassifierService(pb_grpc.ClassifierServicer):
         """Validate, store, and build the classifier for every loaded model; raises RequestError."""
         ls = self.labels.add(validate_label_set(list(request.labels), list(request.templates),
                                                 self.cfg.limits, "label_set"))
-        for hosted in list(self.models.values()):
+        able = [hosted for hosted in list(self.models.values()) if hosted.supports(ls)]
+        if not able:
+            raise failed_precondition("label_set", " / ".join(h.label_set_hint() for h in self.models.values()))
+        for hosted in able:
             await self.labels.classifier(hosted, ls)
         return pb.LabelSetRef(label_set_id=ls.id, num_labels=len(ls.labels), num_templates=len(ls.templates))
 
@@ -206,6 +217,9 @@ class ClassifierService(pb_grpc.ClassifierServicer):
                 feats = F.normalize(result.features, dim=-1) if request.normalize else result.features
                 for row in feats.tolist():
                     resp.image_embeddings.add(values=row)
+            if request.texts and not hosted.has_text:
+                raise failed_precondition("texts", f"model '{hosted.name}' is an exported bundle without a text "
+                                          f"tower: it embeds images only")
             if request.texts:
                 feats = await asyncio.wrap_future(hosted.run_text(hosted.encode_texts, list(request.texts), request.normalize))
                 for row in feats.tolist():
@@ -226,9 +240,12 @@ class ClassifierService(pb_grpc.ClassifierServicer):
         for m in self.models.values():
             info.models.add(name=m.name, is_default=m.name == self.default_model, embed_dim=m.embed_dim,
                             image_size=m.image_size, pretrained=_pretrained_label(m), fingerprint=m.fingerprint,
-                            device=str(m.device), precision=m.spec.precision, logit_scale=m.logit_scale,
+                            device=str(m.device), precision=m.precision, logit_scale=m.logit_scale,
                             random_init=m.spec.random_init, adaptation=settings_to_proto(m.adapt_defaults),
-                            token_compression=_token_compression(m))
+                            token_compression=_token_compression(m), runtime=m.runtime,
+                            bundled_label_sets=[pb.BundledLabelSet(name=name, label_set_id=ls.id,
+                                                                   num_labels=len(ls.labels))
+                                                for name, ls in getattr(m, "bundled", ())])
         return info
 
 
@@ -248,7 +265,9 @@ def _token_compression(m: HostedModel) -> pb.TokenCompression:
 
 
 def _pretrained_label(m: HostedModel) -> str:
-    """The tag, or the checkpoint's file name (full paths are the operator's business)."""
+    """The tag, or the checkpoint's (bundle's) file name (full paths are the operator's business)."""
+    if m.spec.bundle:
+        return m.spec.bundle.rstrip("/").rsplit("/", 1)[-1]
     if m.spec.random_init or not m.spec.pretrained:
         return ""
     p = m.spec.pretrained

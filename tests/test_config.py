@@ -16,6 +16,15 @@ def test_example_config_loads():
     assert cfg.default_model.model == "ViT-B-32" and cfg.batching.max_batch_size == 32
 
 
+def test_cifar_example_holds_valid_adaptation_defaults():
+    from adaptclip.adapt.settings import settings_from_dict
+
+    (spec,) = load_config(EXAMPLE.with_name("cifar-clip.yaml")).models
+    s = settings_from_dict(dict(spec.adaptation))
+    assert (s.method, s.crop_scale, s.augmix, s.skip_entropy, s.view_chunk) == ("gs_bias", (0.8, 1.0), False, 0.4, 0)
+    assert spec.model.endswith(".json") and spec.pretrained.endswith(".pt")
+
+
 def test_unknown_key_is_named(tmp_path):
     bad = tmp_path / "c.yaml"
     bad.write_text("models:\n  - model: ViT-B-32\n    pretrainde: x\n")
