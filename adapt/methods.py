@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from adaptclip.adapt.gsbias import gs_bias
-from adaptclip.adapt.peers import tpt_logits, zero_logits
+from adaptclip.adapt.peers import CLASS_CHUNK, tpt_logits, zero_logits
 from adaptclip.adapt.settings import AdaptSettings
 
 
@@ -29,11 +29,13 @@ class MethodResult:
 
 @dataclass(frozen=True)
 class TextSide:
-    """What TPT needs to re-run the text tower: the model, its tokenizer and the class names."""
+    """What TPT needs to re-run the text tower: the model, its tokenizer, the class names, and how many
+    prompts go through the tower at once with autograd (None: all, as the paper; see tpt_logits)."""
 
     model: nn.Module
     tokenizer: Callable[[Sequence[str]], Tensor]
     labels: Sequence[str]
+    class_chunk: int | None = CLASS_CHUNK
 
 
 def normalized_entropy(logits: Tensor) -> float:
@@ -106,6 +108,7 @@ def adapt_views(settings: AdaptSettings, view_feats: Tensor, patch_feats: Tensor
         if text is None:
             raise ValueError("TPT needs the text tower (TextSide)")
         logits = tpt_logits(text.model, text.tokenizer, list(text.labels), feats, logit_scale=logit_scale,
-                            lr=settings.tpt_lr, steps=settings.steps, selection_ratio=settings.ratio)
+                            lr=settings.tpt_lr, steps=settings.steps, selection_ratio=settings.ratio,
+                            class_chunk=text.class_chunk)
         return MethodResult(logits.detach().float(), logits.detach().float().softmax(-1), settings.steps, False)
     raise ValueError(f"no adaptation for method {settings.method!r}")

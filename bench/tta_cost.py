@@ -8,10 +8,13 @@ as such). Rows:
   none     zero-shot: the original view only
   gs_bias  encoder over the views (+ view 0's patch tokens) + GS-Bias
   zero     encoder over the views + ZERO
-  tpt      encoder over the views + TPT (one AdamW step through the text tower for every class)
+  tpt      encoder over the views + TPT as served: one AdamW step through the text tower for every
+           class, the tower run over at most 128 prompts at a time with autograd (exact gradient)
+  tpt_all  the same TPT with all prompts through the tower at once, as the paper's code
 Rendering the augmented views is the same for every method and is reported on its own line.
 
     .venv/bin/python bench/tta_cost.py --model ViT-B-32 --views 64 --labels 10,1000
+    .venv/bin/python bench/tta_cost.py --labels 1000 --tpt-repeats 1 --no-tpt-warmup   # TPT takes minutes here
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-METHODS = ("floor", "none", "gs_bias", "zero", "tpt")
+METHODS = ("floor", "none", "gs_bias", "zero", "tpt", "tpt_all")
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -53,9 +56,9 @@ def worker(args: argparse.Namespace) -> None:
         fn = lambda: gen([image], view0, args.views, seed=0)  # noqa: E731
     else:
         views = gen([image], view0, args.views, seed=0)[0]
-        settings = AdaptSettings(method=args.method if args.method in ("gs_bias", "zero", "tpt") else "none",
-                                 views=args.views)
-        text = TextSide(model, tokenizer, labels)
+        method = "tpt" if args.method.startswith("tpt") else args.method
+        settings = AdaptSettings(method=method if method in ("gs_bias", "zero", "tpt") else "none", views=args.views)
+        text = TextSide(model, tokenizer, labels, **({"class_chunk": None} if args.method == "tpt_all" else {}))
         scale = float(model.logit_scale.exp())
 
         def fn():
@@ -71,10 +74,12 @@ def worker(args: argparse.Namespace) -> None:
 
     base_rss = rss_mb()
     times = []
-    for i in range(args.repeats + 1):  # the first run warms up and is not timed
+    tpt = args.method.startswith("tpt")
+    warmup = 0 if tpt and args.no_tpt_warmup else 1
+    for i in range((args.tpt_repeats if tpt else args.repeats) + warmup):  # a warm-up run is not timed
         t = time.perf_counter()
         fn()
-        if i:
+        if i >= warmup:
             times.append(time.perf_counter() - t)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"method": args.method, "labels": args.n_labels, "ms": statistics.median(times) * 1000,
@@ -90,7 +95,8 @@ def rss_mb(pid: int | str = "self") -> float:
 
 def run_one(args: argparse.Namespace, method: str, n_labels: int) -> dict:
     cmd = [sys.executable, __file__, "--worker", "--method", method, "--n-labels", str(n_labels), "--model",
-           args.model, "--views", str(args.views), "--repeats", str(args.repeats)]
+           args.model, "--views", str(args.views), "--repeats", str(args.repeats), "--tpt-repeats",
+           str(args.tpt_repeats)] + (["--no-tpt-warmup"] if args.no_tpt_warmup else [])
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     start, peak = time.monotonic(), 0.0
     while proc.poll() is None:
@@ -117,6 +123,8 @@ def main() -> None:
     p.add_argument("--labels", default="10,1000")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--tpt-repeats", type=int, default=3, help="timed runs for the TPT rows")
+    p.add_argument("--no-tpt-warmup", action="store_true", help="time TPT's first call (minutes at 1,000 labels)")
     p.add_argument("--mem-limit-gb", type=float, default=18.0)
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per (method, labels) subprocess")
     p.add_argument("--json", help="also write the rows here")
@@ -143,6 +151,18 @@ def main() -> None:
         label = "render views (all methods)" if r["method"] == "render" else r["method"]
         print(f"| {r['labels'] if r['method'] != 'render' else ''} | {label} | {r['ms']:.0f} | {ratio} | "
               f"{r['peak_rss_mb']:.0f} | {r['peak_rss_mb'] - r['setup_rss_mb']:.0f} |")
+    for n in sorted({r["labels"] for r in rows if r["method"] != "render"}):
+        by = {r["method"]: r for r in rows if r["labels"] == n and r["method"] != "render"}
+        gs = by.get("gs_bias", {})
+        for name in ("tpt", "tpt_all"):
+            other = by.get(name)
+            if "ms" not in gs or other is None:
+                continue
+            speed = f"{other['ms'] / gs['ms']:.1f}x faster" if "ms" in other else \
+                f"not timed (TPT {other['stopped']})"
+            bound = "<= " if "stopped" in other else ""
+            print(f"- {n} labels, GS-Bias vs {name}: {speed}; peak RSS {bound}"
+                  f"{100 * gs['peak_rss_mb'] / other['peak_rss_mb']:.1f} % of TPT's")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
 
