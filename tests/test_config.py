@@ -21,7 +21,7 @@ def test_cifar_example_holds_valid_adaptation_defaults():
 
     (spec,) = load_config(EXAMPLE.with_name("cifar-clip.yaml")).models
     s = settings_from_dict(dict(spec.adaptation))
-    assert (s.method, s.crop_scale, s.augmix, s.skip_entropy, s.view_chunk) == ("gs_bias", (0.8, 1.0), False, 0.4, 0)
+    assert (s.method, s.crop_scale, s.augmix, s.skip_entropy, s.view_chunk) == ("gs_bias", (0.8, 1.0), False, 0.4, 8)
     assert spec.model.endswith(".json") and spec.pretrained.endswith(".pt")
 
 
