@@ -1,10 +1,17 @@
 """Throughput: open_clip in-process (batched) vs the gRPC service with 1, 4 and 16 concurrent clients.
 
+With --bundle DIR (an exported bundle of the same model, built with the 10 labels below and the
+template "a photo of a {}."), the service also runs once more serving that bundle through
+onnxruntime, with the same clients and images.
+
 Both paths do the same work per image: decode the encoded bytes, open_clip's preprocessing, the image
 encoder, normalise, zero-shot logits. The baseline runs first, then the server in its own process, so
 they never share the CPU.
 
     .venv/bin/python bench/throughput.py --images ../shared/data/... --model ViT-B-32 --random-init
+    .venv/bin/adaptclip quantize --model ViT-B-32 --random-init --labels airplane,car,bird,cat,deer,dog,frog,horse,ship,truck \
+        --templates-file T --calib gaussian -o B   # T holds "a photo of a {}."
+    .venv/bin/python bench/throughput.py --images ... --model ViT-B-32 --random-init --bundle B --concurrency 16
 """
 from __future__ import annotations
 
@@ -71,7 +78,7 @@ def in_process(args: argparse.Namespace, images: list[bytes]) -> dict:
             "p50_ms": p50, "p99_ms": p99, "latency_of": "batch"}
 
 
-async def through_service(target: str, images: list[bytes], concurrency: int) -> dict:
+async def through_service(target: str, images: list[bytes], concurrency: int, what: str = "gRPC service") -> dict:
     from adaptclip.client import AsyncClient
 
     async with AsyncClient(target, timeout_s=600) as client:
@@ -91,17 +98,20 @@ async def through_service(target: str, images: list[bytes], concurrency: int) ->
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         wall = time.perf_counter() - start
     p50, p99 = percentiles(lat)
-    return {"path": f"gRPC service, {concurrency} client(s)", "images_per_s": len(images) / wall,
+    return {"path": f"{what}, {concurrency} client(s)", "images_per_s": len(images) / wall,
             "p50_ms": p50, "p99_ms": p99, "latency_of": "request"}
 
 
-def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
+def start_server(args: argparse.Namespace, bundle: str | None = None) -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "adaptclip.client.cli", "serve", "--model", args.model, "--host", "127.0.0.1",
+    cmd = [sys.executable, "-m", "adaptclip.client.cli", "serve", "--host", "127.0.0.1",
            "--port", str(port), "--max-batch-size", str(args.batch_size), "--log-level", "WARNING"]
-    cmd += ["--random-init"] if args.random_init else ["--pretrained", args.pretrained]
+    if bundle:
+        cmd += ["--bundle", bundle]
+    else:
+        cmd += ["--model", args.model] + (["--random-init"] if args.random_init else ["--pretrained", args.pretrained])
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
     from adaptclip.client import Client
 
@@ -119,6 +129,7 @@ def main() -> None:
     p.add_argument("--random-init", action="store_true")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--concurrency", default="1,4,16")
+    p.add_argument("--bundle", help="also serve this exported bundle (onnxruntime) and measure it")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args()
     if not args.random_init and not args.pretrained:
@@ -126,13 +137,15 @@ def main() -> None:
     images = load_images(args.images, args.n)
     rows = [in_process(args, images)]
     base = rows[0]["images_per_s"]
-    proc, target = start_server(args)
-    try:
-        for c in (int(x) for x in args.concurrency.split(",")):
-            rows.append(asyncio.run(through_service(target, images, c)))
-    finally:
-        proc.terminate()
-        proc.wait(60)
+    for bundle in [None] + ([args.bundle] if args.bundle else []):
+        proc, target = start_server(args, bundle)
+        what = "gRPC service, bundle via onnxruntime" if bundle else "gRPC service"
+        try:
+            for c in (int(x) for x in args.concurrency.split(",")):
+                rows.append(asyncio.run(through_service(target, images, c, what)))
+        finally:
+            proc.terminate()
+            proc.wait(60)
     import torch
 
     print(f"\n{args.model}, {len(images)} images from {args.images}, {torch.get_num_threads()} torch threads, "
