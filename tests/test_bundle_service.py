@@ -51,12 +51,6 @@ def server(bundle: Path, tiny_spec: ModelSpec) -> Iterator[ServerThread]:
     srv.stop()
 
 
-@pytest.fixture()
-def client(server: ServerThread) -> Iterator[Client]:
-    with Client(server.target, timeout_s=60) as c:
-        yield c
-
-
 def _edge_info(client: Client) -> pb.ModelDescription:
     return next(m for m in client.model_info().models if m.name == "edge")
 
