@@ -166,31 +166,32 @@ class Batcher:
                         item.future.set_exception(RequestError(grpc.StatusCode.INTERNAL, "image", "encoder batching failed"))
 
     async def _run_once(self) -> None:
-        """One batch: collect, encode on the encoder thread, hand each caller its rows."""
-        loop = asyncio.get_running_loop()
+        """One batch: collect, encode on the encoder thread, hand each caller its rows. Whatever fails
+        after the batch left the queue fails its callers (none is left waiting)."""
         batch = await self._next_batch()
         now = time.perf_counter()
-        batch = [it for it in batch if self._alive(it, now)]
-        if not batch:
-            return
-        images = torch.cat([it.images for it in batch]) if len(batch) > 1 else batch[0].images
-        start = time.perf_counter()
+        batch = [it for it in batch if self._alive(it, now)]  # _alive un-counts the dead ones
+        self._queued_images -= sum(it.images.shape[0] for it in batch)  # the rest leave the queue now
         try:
-            want = any(it.with_patches for it in batch)
-            feats, patches = await loop.run_in_executor(self._executor, self._encode, images, want,
-                                                        batch[0].keep_rate)
-        except Exception as exc:  # noqa: BLE001 - the encoder's failure goes to every caller
+            await self._encode_and_answer(batch)
+        except Exception as exc:  # noqa: BLE001 - the encoder's (or hand-out's) failure goes to every caller
             for it in batch:
-                self._queued_images -= it.images.shape[0]
                 if not it.future.done():
                     it.future.set_exception(exc)
+
+    async def _encode_and_answer(self, batch: list[_Item]) -> None:
+        if not batch:
             return
+        loop = asyncio.get_running_loop()
+        images = torch.cat([it.images for it in batch]) if len(batch) > 1 else batch[0].images
+        start = time.perf_counter()
+        want = any(it.with_patches for it in batch)
+        feats, patches = await loop.run_in_executor(self._executor, self._encode, images, want, batch[0].keep_rate)
         encode_us = int((time.perf_counter() - start) * 1e6)
         self.batches += 1
         offset = 0
         for it in batch:
             n = it.images.shape[0]
-            self._queued_images -= n
             if not it.future.done():
                 mine = patches[offset:offset + n] if it.with_patches else None
                 it.future.set_result(BatchResult(feats[offset:offset + n], mine, int((start - it.enqueued) * 1e6),

@@ -92,3 +92,27 @@ def test_queue_limit():
             await asyncio.gather(b.submit(_img(1, 3)), b.submit(_img(1, 3)))
 
     asyncio.run(_with_batcher(go, queue=4))
+
+
+def test_failure_after_encoding_fails_the_callers_and_frees_the_queue():
+    """A bad encoder result (no patches though asked) must not leave callers waiting or the queue counted."""
+    calls = []
+
+    def no_patches(images: torch.Tensor, with_patches: bool, keep_rate: float):
+        calls.append(images.shape[0])
+        return images.flatten(1)[:, :4], None
+
+    async def go():
+        b = Batcher(no_patches, max_batch=8, max_delay_s=0.02, max_queue=4)
+        b.start()
+        try:
+            for _ in range(3):  # 3 x 4 images: would pass the limit of 4 if failed batches stayed counted
+                with pytest.raises(TypeError):
+                    await asyncio.wait_for(b.submit(_img(1, 4), with_patches=True), 5)
+            feats = (await asyncio.wait_for(b.submit(_img(2, 4)), 5)).features
+            assert feats.shape == (4, 4)
+        finally:
+            await b.close()
+
+    asyncio.run(go())
+    assert calls == [4, 4, 4, 4]
