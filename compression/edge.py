@@ -84,10 +84,12 @@ class EdgeModel:
         bias = self.manifest.get("logit_bias")
         self.logit_bias = None if bias is None else float(bias)
         self._label_sets: dict[str, tuple[list[str], np.ndarray]] = {}
+        self.templates: dict[str, list[str]] = {}  # each label set's prompt templates (informational here)
         for entry in self.manifest["label_sets"]:
-            labels = json.loads((self.root / entry["labels"]).read_text(encoding="utf-8"))["labels"]
+            data = json.loads((self.root / entry["labels"]).read_text(encoding="utf-8"))
             weights = np.load(self.root / entry["classifier"]).astype(np.float32)
-            self._label_sets[entry["name"]] = (labels, weights)
+            self._label_sets[entry["name"]] = (data["labels"], weights)
+            self.templates[entry["name"]] = list(data.get("templates", []))
 
     @property
     def name(self) -> str:

@@ -74,7 +74,11 @@ class InProcess:
 
     async def __aenter__(self) -> ClassifierService:
         self.service.cache = make_cache(self.service.cfg.cache)
-        await activate(self.service, self._models)
+        try:
+            await activate(self.service, self._models)
+        except BaseException:
+            await self.service.close()  # the cache, pools and batchers already started
+            raise
         return self.service
 
     async def __aexit__(self, *exc: object) -> None:

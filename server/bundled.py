@@ -41,7 +41,7 @@ class BundleModel(HostedModel):
 
     @property
     def precision(self) -> str:
-        return str(self.edge.manifest.get("quantization", {}).get("bits", "onnx"))
+        return _bits(self.edge)
 
     @property
     def has_patches(self) -> bool:
@@ -79,6 +79,10 @@ class BundleModel(HostedModel):
                 f"label sets it carries, sent inline with the same labels and templates or by id: {sets}")
 
 
+def _bits(edge: EdgeModel) -> str:
+    return str(edge.manifest.get("quantization", {}).get("bits", "onnx"))
+
+
 def _fingerprint(edge: EdgeModel) -> str:
     """Hash of the ONNX graph and the preprocessing: what the features depend on."""
     h = hashlib.blake2b(digest_size=16)
@@ -110,13 +114,10 @@ def load_bundle(spec: ModelSpec) -> BundleModel:
         raise ModelLoadError(f"bundle '{spec.bundle}': adaptation method tpt needs a text tower")
     bundled = []
     for name in edge.label_set_names:
-        entry = next(e for e in edge.manifest["label_sets"] if e["name"] == name)
-        data = json.loads((edge.root / entry["labels"]).read_text(encoding="utf-8"))
-        labels, templates = tuple(data["labels"]), tuple(data["templates"])
+        labels, templates = tuple(edge.label_set(name)[0]), tuple(edge.templates[name])
         bundled.append((name, LabelSetDef(label_set_id(labels, templates), labels, templates)))
-    quant = edge.manifest.get("quantization", {}).get("bits", "onnx")
     return BundleModel(
-        name=spec.name or f"{edge.name}-{quant}", spec=spec, model=None,
+        name=spec.name or f"{edge.name}-{_bits(edge)}", spec=spec, model=None,
         preprocess=lambda img: torch.from_numpy(edge.preprocess(img)), tokenizer=None,
         device=torch.device("cpu"), dtype=torch.float32, fingerprint=_fingerprint(edge),
         embed_dim=int(edge.manifest["model"]["embed_dim"]), image_size=edge.image_size,

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+import numpy as np
 import open_clip
 import torch
 from PIL import Image
@@ -127,8 +128,9 @@ class HostedModel:
         return weights.T.float().cpu().contiguous()
 
     def check_keep_rate(self, value: float, field: str) -> float:
-        """A valid keep rate this model can run (ValueError naming `field` otherwise)."""
-        rate = validate_keep_rate(value, field)
+        """A valid keep rate this model can run (ValueError naming `field` otherwise), rounded to float32
+        as the proto field carries it, so a request's 0.7 and the config's 0.7 share encoder batches."""
+        rate = float(np.float32(validate_keep_rate(value, field)))
         if rate < 1.0 and self.compressor is None:
             why = "an exported bundle" if self.runtime != "torch" else "not a plain ViT tower"
             raise ValueError(f"{field}: model '{self.name}' has no token compression ({why})")

@@ -67,14 +67,19 @@ class ClassifierService(pb_grpc.ClassifierServicer):
             raise not_found("model", f"unknown model '{name}'; loaded: {', '.join(self.models)}")
         return hosted
 
-    def _label_set(self, req: pb.ClassifyRequest) -> LabelSetDef:
+    def _label_set(self, req: pb.ClassifyRequest, hosted: HostedModel) -> LabelSetDef:
+        """The request's label set, checked against what `hosted` can classify before it is stored."""
         which = req.WhichOneof("labels")
         if which == "label_set_id":
-            return self.labels.get(req.label_set_id)
-        if which == "label_set":
-            return self.labels.add(validate_label_set(list(req.label_set.labels), list(req.label_set.templates),
-                                                      self.cfg.limits, "label_set"))
-        raise invalid("label_set", "no labels given: set label_set (inline labels) or label_set_id")
+            ls = self.labels.get(req.label_set_id)
+        elif which == "label_set":
+            ls = validate_label_set(list(req.label_set.labels), list(req.label_set.templates), self.cfg.limits,
+                                    "label_set")
+        else:
+            raise invalid("label_set", "no labels given: set label_set (inline labels) or label_set_id")
+        if not hosted.supports(ls):
+            raise failed_precondition(which, hosted.label_set_hint())
+        return self.labels.add(ls)
 
     def _preprocess(self, hosted: HostedModel, data: bytes, field: str) -> tuple[Image.Image, torch.Tensor]:
         img = decode_image(data, max_bytes=self.cfg.limits.max_image_bytes,
@@ -101,9 +106,7 @@ class ClassifierService(pb_grpc.ClassifierServicer):
                 req.token_keep_rate if req.HasField("token_keep_rate") else hosted.spec.keep_rate, "token_keep_rate")
         except ValueError as exc:
             raise invalid("token_keep_rate", str(exc).partition(": ")[2]) from None
-        ls = self._label_set(req)
-        if not hosted.supports(ls):
-            raise failed_precondition(req.WhichOneof("labels"), hosted.label_set_hint())
+        ls = self._label_set(req, hosted)
         check_image_bytes(req.image, self.cfg.limits.max_image_bytes)
         fkey = feature_key(hosted.fingerprint, image_digest(req.image), settings, token_tag(hosted, keep_rate))
         rkey = result_key(fkey, ls.id, settings)
@@ -184,11 +187,11 @@ class ClassifierService(pb_grpc.ClassifierServicer):
     # -- label sets, embeddings, info ------------------------------------------------------
     async def register_label_set(self, request: pb.LabelSet) -> pb.LabelSetRef:
         """Validate, store, and build the classifier for every loaded model; raises RequestError."""
-        ls = self.labels.add(validate_label_set(list(request.labels), list(request.templates),
-                                                self.cfg.limits, "label_set"))
+        ls = validate_label_set(list(request.labels), list(request.templates), self.cfg.limits, "label_set")
         able = [hosted for hosted in list(self.models.values()) if hosted.supports(ls)]
         if not able:
             raise failed_precondition("label_set", " / ".join(h.label_set_hint() for h in self.models.values()))
+        self.labels.add(ls)
         for hosted in able:
             await self.labels.classifier(hosted, ls)
         return pb.LabelSetRef(label_set_id=ls.id, num_labels=len(ls.labels), num_templates=len(ls.templates))
@@ -209,6 +212,9 @@ class ClassifierService(pb_grpc.ClassifierServicer):
                 raise invalid("images", f"{len(request.images)} images is over the limit of {limit}")
             if len(request.texts) > limit:
                 raise invalid("texts", f"{len(request.texts)} texts is over the limit of {limit}")
+            if request.texts and not hosted.has_text:
+                raise failed_precondition("texts", f"model '{hosted.name}' is an exported bundle without a text "
+                                          f"tower: it embeds images only")
             resp = pb.EmbedResponse(model=hosted.name, dim=hosted.embed_dim)
             if request.images:
                 decoded = await asyncio.gather(*(self._decode(hosted, d, f"images[{i}]") for i, d in enumerate(request.images)))
@@ -217,9 +223,6 @@ class ClassifierService(pb_grpc.ClassifierServicer):
                 feats = F.normalize(result.features, dim=-1) if request.normalize else result.features
                 for row in feats.tolist():
                     resp.image_embeddings.add(values=row)
-            if request.texts and not hosted.has_text:
-                raise failed_precondition("texts", f"model '{hosted.name}' is an exported bundle without a text "
-                                          f"tower: it embeds images only")
             if request.texts:
                 feats = await asyncio.wrap_future(hosted.run_text(hosted.encode_texts, list(request.texts), request.normalize))
                 for row in feats.tolist():

@@ -219,7 +219,7 @@ async def classify_with_adaptation(hosted: HostedModel, views: ImageViews, class
     n = 1
     for _, n in view_chunks(s):
         feats = await views.first(n)
-        if stops_after(s, n, hosted.logit_scale * F.normalize(feats, dim=-1) @ classifier.T):
+        if s.view_chunk and stops_after(s, n, hosted.logit_scale * F.normalize(feats, dim=-1) @ classifier.T):
             report.note = f"selected views agreed after {n} views"
             break
     view_feats = views.feats[:n]
