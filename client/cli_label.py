@@ -61,8 +61,9 @@ def _engine(args: argparse.Namespace):
     from adaptclip.client import label
 
     if args.server:
-        model_flags = [f for f in ("model", "pretrained", "device", "precision", "random_init", "config", "max_batch_size")
-                       if getattr(args, f)]
+        model_flags = [f for f in ("model", "pretrained", "bundle", "device", "precision", "random_init", "config",
+                                   "max_batch_size", "keep_rate") if getattr(args, f, None) is not None
+                       and getattr(args, f) is not False]
         if model_flags:
             raise label.LabelError(f"--{model_flags[0].replace('_', '-')} is for the in-process model; with --server "
                                    f"the server's model answers (pick a served one with --name)")
@@ -94,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
                         model=args.name or "" if args.server else "", concurrency=args.concurrency)
         fmt = args.format or ("csv" if Path(args.output).suffix.lower() == ".csv" else "jsonl")
         label.run_job(job, args.sources, args.output, fmt, _engine(args))
-    except (label.LabelError, OSError) as exc:
+    except (label.LabelError, OSError, ValueError) as exc:  # ValueError: a bad --config or flag mix
         print(f"adaptclip label: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -127,6 +127,16 @@ def _csv_line(row: Sequence[object]) -> bytes:
     return buf.getvalue().encode("utf-8", "surrogateescape")  # a non-UTF-8 file name is written as it is
 
 
+# Errors that a re-run would only repeat; any other (queue full, unavailable, deadline, internal) is retried.
+FINAL_ERRORS = frozenset({"UNREADABLE", "INVALID_ARGUMENT"})
+
+
+def _final(rec: dict) -> bool:
+    """Whether a record settles its image: an answer, or an error the input itself causes."""
+    code = (rec.get("error") or {}).get("code") if "error" in rec else rec.get("error_code")
+    return not code or code in FINAL_ERRORS
+
+
 def _parse_line(line: bytes, fmt: str, header: list[str] | None) -> dict:
     if fmt == "jsonl":
         rec = json.loads(line)
@@ -192,7 +202,8 @@ class Recorder:
                 except (ValueError, UnicodeDecodeError) as exc:
                     raise LabelError(f"{self.path}:{lineno}: not a {self.fmt} record ({exc}); "
                                      f"is --format right, or was the file edited?") from None
-                self.done.add(rec["image"])
+                if _final(rec):
+                    self.done.add(rec["image"])
                 if rec.get("label_set_id"):
                     self.label_sets.add(rec["label_set_id"])
 

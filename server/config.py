@@ -93,7 +93,10 @@ def load_config(path: str | Path | None) -> ServerConfig:
     """Read a YAML config (see README); missing sections keep their defaults."""
     if path is None:
         return ServerConfig()
-    raw = yaml.safe_load(Path(path).read_text()) or {}
+    try:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: top level must be a mapping")
     raw = dict(raw)

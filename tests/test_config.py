@@ -25,6 +25,13 @@ def test_cifar_example_holds_valid_adaptation_defaults():
     assert spec.model.endswith(".json") and spec.pretrained.endswith(".pt")
 
 
+def test_broken_yaml_is_a_value_error_naming_the_file(tmp_path):
+    bad = tmp_path / "c.yaml"
+    bad.write_text("models: [\n")
+    with pytest.raises(ValueError, match="c.yaml: not valid YAML"):
+        load_config(bad)
+
+
 def test_unknown_key_is_named(tmp_path):
     bad = tmp_path / "c.yaml"
     bad.write_text("models:\n  - model: ViT-B-32\n    pretrainde: x\n")

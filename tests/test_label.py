@@ -155,6 +155,16 @@ def test_server_and_local_agree(inputs, reference, server, tmp_path, capsys):
 def test_server_mode_refuses_model_flags(inputs, model_args, tmp_path, capsys):
     assert cli.main(["label", *inputs, "-o", str(tmp_path / "o.jsonl"), *ASK, "--server", "x:1", *model_args]) == 1
     assert "--model is for the in-process model" in capsys.readouterr().err
+    for flags, named in ((["--keep-rate", "0.5"], "--keep-rate"), (["--bundle", "b/"], "--bundle")):
+        assert cli.main(["label", *inputs, "-o", str(tmp_path / "o.jsonl"), *ASK, "--server", "x:1", *flags]) == 1
+        assert f"{named} is for the in-process model" in capsys.readouterr().err
+
+
+def test_broken_config_is_a_clear_error(inputs, tmp_path, capsys):
+    bad = tmp_path / "c.yaml"
+    bad.write_text("models: [\n")
+    assert cli.main(["label", *inputs, "-o", str(tmp_path / "o.jsonl"), *ASK, "--config", str(bad)]) == 1
+    assert "not valid YAML" in capsys.readouterr().err
 
 
 def test_csv_output(inputs, reference, model_args, tmp_path):
@@ -189,6 +199,24 @@ def test_recorder_drops_torn_tail(tmp_path, fmt):
     r.emit({**rec, "image": "/c.png"})
     r.close()
     assert Recorder(out, fmt).done == {"/a.png", "/b\udcff é.png", "/c.png"}
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv"])
+def test_resume_retries_passing_errors_only(tmp_path, fmt):
+    """A queue-full or unavailable answer is retried by the re-run; an unreadable or invalid input is not."""
+    from adaptclip.client.label import error_record
+
+    out = tmp_path / f"out.{fmt}"
+    r = Recorder(out, fmt)
+    for name, code in (("/busy.png", "RESOURCE_EXHAUSTED"), ("/down.png", "UNAVAILABLE"),
+                       ("/bad.png", "UNREADABLE"), ("/tiny.png", "INVALID_ARGUMENT")):
+        r.emit(error_record(name, None, code, "why", "m", "ls_1"))
+    r.emit({"image": "/ok.png", "sha256": "ab", "model": "m", "label_set_id": "ls_1",
+            "top": [{"label": "cat", "probability": 0.9, "logit": 1.0}]})
+    r.emit({"image": "/busy.png", "sha256": "cd", "model": "m", "label_set_id": "ls_1",
+            "top": [{"label": "dog", "probability": 0.8, "logit": 1.0}]})  # the retry answered
+    r.close()
+    assert Recorder(out, fmt).done == {"/busy.png", "/bad.png", "/tiny.png", "/ok.png"}
 
 
 @pytest.mark.parametrize("fmt", ["jsonl", "csv"])
