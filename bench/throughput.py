@@ -107,7 +107,8 @@ def start_server(args: argparse.Namespace, bundle: str | None = None) -> tuple[s
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "adaptclip.client.cli", "serve", "--host", "127.0.0.1",
-           "--port", str(port), "--max-batch-size", str(args.batch_size), "--log-level", "WARNING"]
+           "--port", str(port), "--max-batch-size", str(args.batch_size), "--log-level", "WARNING",
+           "--no-cache"]  # the same images go to every concurrency level: cached answers would not be work
     if bundle:
         cmd += ["--bundle", bundle]
     else:
