@@ -16,7 +16,7 @@ import json
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -28,10 +28,10 @@ import torch
 from adaptclip.compression.export import (INPUT_NAME, OUTPUT_NAME, SIMULATED_ONLY, Agreement, QuantConfig, agreement,
                                           check_agreement, export_image_tower, quantize, run_onnx, session,
                                           torch_embeddings)
+from adaptclip.compression.edge import BUNDLE_FORMAT
 from adaptclip.compression.spdfq import SynthesisConfig, gaussian_images, real_images, synthesize
 from adaptclip.server.models import HostedModel
 
-BUNDLE_FORMAT = "adaptclip-edge-bundle/1"
 SUPPORTED_RESIZE = ("shortest", "squash")
 
 
@@ -53,7 +53,7 @@ def calibration_images(source: str, hosted: HostedModel, classifier: torch.Tenso
                        synthesis: SynthesisConfig) -> torch.Tensor:
     """n images [n, 3, S, S] (normalised) from `spdfq`, `gaussian` or `real:DIR`."""
     if source == "spdfq":
-        cfg = SynthesisConfig(**{**asdict(synthesis), "n": n})
+        cfg = replace(synthesis, n=n)
         return synthesize(hosted.model, classifier, hosted.logit_scale, hosted.mean, hosted.std, hosted.image_size, cfg)
     if source == "gaussian":
         return gaussian_images(n, hosted.image_size, synthesis.seed)
@@ -88,6 +88,9 @@ def build_bundle(hosted: HostedModel, label_sets: dict[str, tuple[tuple[str, ...
     """
     if not label_sets:
         raise ValueError("at least one label set is needed (the text classifier plays the classifier head)")
+    if hosted.device.type != "cpu":
+        raise ValueError(f"quantisation runs on CPU (synthesis, export and onnxruntime calibration); load the model "
+                         f"with device cpu, not {hosted.device}")
     cfg.quant.validate()
     if cfg.quant.bits in SIMULATED_ONLY:
         raise ValueError(f"{cfg.quant.bits} has no onnxruntime kernels (int4 activations): it is for accuracy "

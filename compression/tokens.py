@@ -24,16 +24,13 @@ runs open_clip's own forward unchanged.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 from torch import Tensor, nn
 
-# (images [N, 3, H, W], with_patches) -> (pooled [N, D], kept patch features [N, K, D] or None);
-# the same contract as adaptclip.server.batcher.EncodeFn.
-EncodeFn = Callable[[Tensor, bool], tuple[Tensor, Tensor | None]]
 DEFAULT_FRACTIONS = (0.25, 0.5, 0.75)
 
 
@@ -61,7 +58,7 @@ def cls_attention(block: ResidualAttentionBlock, y: Tensor) -> Tensor:
     attn = block.attn
     d, heads = attn.embed_dim, attn.num_heads
     head_dim = d // heads
-    weight = attn.in_proj_weight.float()
+    weight = attn.in_proj_weight[:2 * d].float()  # q and k rows only: no copy of the v part
     q = y[:, 0].float() @ weight[:d].T
     if attn.in_proj_bias is not None:
         q = q + attn.in_proj_bias[:d].float()
@@ -137,11 +134,6 @@ class TokenCompressor:
         """Same contract as adaptclip.adapt.features.image_features, at `keep_rate`."""
         out = self.encode(images, keep_rate, with_patches)
         return out.pooled, out.patches
-
-    def encoder(self, keep_rate: float) -> EncodeFn:
-        """An encoder for one keep-rate group of a batcher (images, with_patches) -> (pooled, patches)."""
-        keep_rate = validate_keep_rate(keep_rate)
-        return lambda images, with_patches: self.features(images, with_patches, keep_rate)
 
     @torch.inference_mode()
     def _plain(self, images: Tensor, with_patches: bool) -> TokenOutput:

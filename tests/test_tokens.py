@@ -172,13 +172,13 @@ def test_sequence_first_transformer_gives_the_same_result(model, images):
 
 
 @torch.no_grad()
-def test_encoder_serves_one_keep_rate_group(model, images):
+def test_features_serve_one_keep_rate_group(model, images):
+    """`features` is what HostedModel.encode_images calls for a batch of one keep rate."""
     compressor = TokenCompressor(model)
-    encode = compressor.encoder(0.5)
-    pooled, patches = encode(images, True)
+    pooled, patches = compressor.features(images, True, 0.5)
     out = compressor.encode(images, 0.5, with_patches=True)
     assert torch.equal(pooled, out.pooled) and torch.equal(patches, out.patches)
-    assert encode(images, False)[1] is None
+    assert compressor.features(images, False, 0.5)[1] is None
     assert compressor.schedule(0.5) == compressor.schedule(0.49)  # same counts, so one batch group
 
 
@@ -188,7 +188,7 @@ def test_invalid_keep_rate_raises_naming_it(model, images, bad):
     with pytest.raises(ValueError, match="keep_rate"):
         compressor.encode(images, bad)
     with pytest.raises(ValueError, match="keep_rate"):
-        compressor.encoder(bad)
+        compressor.features(images, False, bad)
 
 
 def test_invalid_configuration_and_towers_are_refused(model):
