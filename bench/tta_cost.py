@@ -42,7 +42,7 @@ def worker(args: argparse.Namespace) -> None:
     from adaptclip.adapt.views import ViewGenerator
 
     torch.manual_seed(0)
-    model, _, preprocess = open_clip.create_model_and_transforms(args.model)
+    model = open_clip.create_model(args.model)
     model.eval()
     tokenizer = open_clip.get_tokenizer(args.model)
     size = model.visual.image_size[0] if isinstance(model.visual.image_size, tuple) else model.visual.image_size
@@ -137,7 +137,9 @@ def main() -> None:
     rows = [run_one(args, "render", 10)]
     for n in (int(x) for x in args.labels.split(",")):
         rows += [run_one(args, m, n) for m in args.methods.split(",")]
-    print(f"\n{args.model}, {args.views} views, medians of {args.repeats} runs after a warm-up; peak = the "
+    tpt_runs = f"{args.tpt_repeats} run(s)" + (", no warm-up" if args.no_tpt_warmup else " after a warm-up")
+    print(f"\n{args.model}, {args.views} views, medians of {args.repeats} runs after a warm-up (TPT rows: "
+          f"{tpt_runs}); peak = the "
           f"process's peak RSS (model and inputs included), extra = peak minus RSS after set-up\n")
     print("| labels | method | ms / image | vs floor | peak RSS MB | extra MB |")
     print("|---:|---|---:|---:|---:|---:|")

@@ -154,6 +154,14 @@ def response_record(path: str, resp) -> dict:
     return rec
 
 
+def labels_from_args(args: argparse.Namespace) -> tuple[list[str], list[str]]:
+    """--labels / --labels-file and --templates-file as lists (no templates: the service's defaults)."""
+    from adaptclip.client.client import load_lines
+
+    labels = load_lines(args.labels_file) if args.labels_file else [x.strip() for x in args.labels.split(",") if x.strip()]
+    return labels, load_lines(args.templates_file) if args.templates_file else []
+
+
 def adaptation_from_args(args: argparse.Namespace):
     """The Adaptation message for --tta/--views/--seed/--skip-entropy (unset flags stay unset)."""
     from adaptclip.v1 import classifier_pb2 as pb
@@ -169,10 +177,9 @@ def adaptation_from_args(args: argparse.Namespace):
 def cmd_classify(args: argparse.Namespace) -> int:
     import grpc
 
-    from adaptclip.client.client import Client, classify_request, load_lines
+    from adaptclip.client.client import Client, classify_request
 
-    labels = load_lines(args.labels_file) if args.labels_file else [x.strip() for x in args.labels.split(",") if x.strip()]
-    templates = load_lines(args.templates_file) if args.templates_file else []
+    labels, templates = labels_from_args(args)
     adaptation = adaptation_from_args(args)
     failed = 0
     with Client(args.server, timeout_s=args.timeout) as client:

@@ -66,6 +66,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if not Path(args.output).resolve().parent.is_dir():  # before hours of evaluation, not after
+        print(f"adaptclip eval: no folder for the output {args.output}", file=sys.stderr)
+        return 2
     try:
         spec = load_config(args.config).default_model if args.config else ModelSpec()
         if args.model or args.pretrained or args.random_init:

@@ -52,6 +52,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
 def _server_config(args: argparse.Namespace):
     """The in-process model's ServerConfig, built exactly as `adaptclip serve` builds it from the same flags."""
     cfg = cli.build_config(args)
+    cfg.models = cfg.models[:1]  # the job uses the first model: load no other
     if not cfg.cache.redis_url:
         cfg.cache.enabled = False  # an in-process cache never hits in one pass over distinct images
     return cfg
@@ -84,13 +85,11 @@ def _engine(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     from adaptclip.client import label
-    from adaptclip.client.client import load_lines
 
     try:
         if args.concurrency < 1 or args.ray_workers < 1 or args.top_k < 0:
             raise label.LabelError("--concurrency and --ray-workers must be >= 1, --top-k >= 0")
-        labels = load_lines(args.labels_file) if args.labels_file else [x.strip() for x in args.labels.split(",") if x.strip()]
-        templates = load_lines(args.templates_file) if args.templates_file else []
+        labels, templates = cli.labels_from_args(args)
         job = label.Job(labels=labels, templates=templates, top_k=args.top_k, adaptation=cli.adaptation_from_args(args),
                         model=args.name or "" if args.server else "", concurrency=args.concurrency)
         fmt = args.format or ("csv" if Path(args.output).suffix.lower() == ".csv" else "jsonl")

@@ -34,7 +34,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from adaptclip.client.client import load_lines
+    from adaptclip.client import cli
     from adaptclip.compression.bundle import BundleConfig, build_bundle
     from adaptclip.compression.export import ExportError, QuantConfig
     from adaptclip.compression.spdfq import SynthesisConfig
@@ -46,8 +46,8 @@ def run(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    labels = load_lines(args.labels_file) if args.labels_file else [x.strip() for x in args.labels.split(",") if x.strip()]
-    templates = tuple(load_lines(args.templates_file)) if args.templates_file else DEFAULT_TEMPLATES
+    labels, given = cli.labels_from_args(args)
+    templates = tuple(given) or DEFAULT_TEMPLATES
     if not labels:
         print("adaptclip quantize: no labels given", file=sys.stderr)
         return 2
