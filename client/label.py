@@ -26,9 +26,9 @@ from tqdm import tqdm
 
 from adaptclip.client.cli import response_record
 from adaptclip.client.client import Client, classify_request
+from adaptclip.server.decode import IMAGE_SUFFIXES
 from adaptclip.v1 import classifier_pb2 as pb
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"})
 LIST_SUFFIXES = frozenset({".txt", ".lst"})
 CSV_COLUMNS = ("image", "sha256", "model", "label_set_id", "top1", "top1_probability", "top",
                "zero_shot_top1", "zero_shot_top1_probability", "adaptation", "error_code", "error_message")
@@ -167,6 +167,7 @@ class Recorder:
                              f"wait for that job or choose another -o") from None
         self.done: set[str] = set()
         self.label_sets: set[str] = set()
+        self.models: set[str] = set()
         try:
             self._recover()
         except BaseException:
@@ -206,19 +207,33 @@ class Recorder:
                     self.done.add(rec["image"])
                 if rec.get("label_set_id"):
                     self.label_sets.add(rec["label_set_id"])
+                if rec.get("model"):
+                    self.models.add(rec["model"])
 
-    def start(self, total: int, label_set_id: str) -> None:
-        """Called once the label set is known: refuse to mix label sets in one file, then show progress."""
+    def start(self, total: int, label_set_id: str, model: str | None) -> None:
+        """Called once the label set is known: refuse to mix label sets or models in one file (a resumed
+        job would skip images another model labelled), then show progress. model=None: the engine learns
+        its model's served name only from its records, so emit() checks it."""
         other = self.label_sets - {label_set_id}
         if other:
             raise LabelError(f"{self.path} holds records of label set {sorted(other)[0]}, but these labels and "
                              f"templates make {label_set_id}: choose another -o, or the labels it was made with")
+        if model is not None:
+            self._check_model(model)
         self.started_at = time.monotonic()
         self._bar = tqdm(total=total, unit="img", desc="label", file=sys.stderr, dynamic_ncols=True, smoothing=0.05,
                          mininterval=0.2 if sys.stderr.isatty() else 30)  # a log file gets a line per 30 s
 
+    def _check_model(self, model: str) -> None:
+        other = self.models - {model}
+        if other:
+            raise LabelError(f"{self.path} holds records of model {sorted(other)[0]!r}, but this job labels with "
+                             f"{model!r}: choose another -o, or the model it was made with")
+        self.models.add(model)
+
     def emit(self, rec: dict) -> None:
         """Append one record: one write() of one whole line; fsync'd every N records or S seconds."""
+        self._check_model(rec["model"])
         self._write(encode_record(rec, self.fmt))
         self.written += 1
         self.errors += "error" in rec
@@ -309,7 +324,7 @@ def local_engine(cfg) -> Engine:
             raise LabelError(str(exc)) from None
         try:
             label_set_id = await register(svc, job)
-            rec.start(len(pending), label_set_id)
+            rec.start(len(pending), label_set_id, job.model or svc.default_model)
             slots = asyncio.Semaphore(job.concurrency)
             window: asyncio.Queue[asyncio.Task | None] = asyncio.Queue()
 
@@ -349,7 +364,7 @@ def server_engine(target: str, ready_timeout_s: float = 30.0) -> Engine:
             except grpc.RpcError as exc:
                 raise LabelError(f"{target}: {exc.code().name}: {exc.details()}") from None
             model = job.model or info.default_model
-            rec.start(len(pending), ref.label_set_id)
+            rec.start(len(pending), ref.label_set_id, model)
             slots, stop = threading.Semaphore(job.concurrency), threading.Event()
             sent: dict[str, tuple[str, str | None, tuple[str, str] | None]] = {}
 

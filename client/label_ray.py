@@ -65,7 +65,7 @@ def ray_engine(cfg, address: str | None, workers: int) -> Engine:
                 Labeller, fn_constructor_args=(cfg, job), batch_size=job.concurrency, batch_format="numpy",
                 compute=ray.data.ActorPoolStrategy(size=workers),
                 num_cpus=max(1.0, cpus // workers) if cpus >= workers else cpus / workers)
-            rec.start(len(pending), label_set_id)  # the clock includes the workers' start-up
+            rec.start(len(pending), label_set_id, None)  # the clock includes the workers' start-up
             for row in ds.iter_rows():
                 rec.emit(json.loads(row["record"]))
         except ray.exceptions.RayError as exc:

@@ -246,6 +246,33 @@ def test_other_labels_into_the_same_output_are_refused(inputs, reference, model_
     assert len(_records(out)) == 5
 
 
+def test_another_model_into_the_same_output_is_refused(inputs, reference, model_args, tmp_path, capsys):
+    """A re-run with another model would skip the images the first model labelled: refused up front."""
+    out = tmp_path / "out.jsonl"
+    out.write_text("".join(json.dumps({**r, "model": "other-model"}) + "\n" for r in reference[:5]))
+    assert cli.main(["label", *inputs, "-o", str(out), *ASK, *model_args]) == 1
+    assert "holds records of model 'other-model'" in capsys.readouterr().err
+    assert [r["model"] for r in _records(out)] == ["other-model"] * 5
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv"])
+def test_recorder_checks_the_model_of_each_record(tmp_path, fmt):
+    """Engines that learn the served model's name from their records (Ray) are checked on emit."""
+    out = tmp_path / f"out.{fmt}"
+    rec = {"image": "/a.png", "sha256": "ab", "model": "m", "label_set_id": "ls_1",
+           "top": [{"label": "cat", "probability": 0.9, "logit": 1.0}]}
+    r = Recorder(out, fmt)
+    r.emit(rec)
+    r.close()
+    r = Recorder(out, fmt)
+    r.start(1, "ls_1", None)
+    with pytest.raises(LabelError, match="holds records of model 'm'"):
+        r.emit({**rec, "image": "/b.png", "model": "n"})
+    r.emit({**rec, "image": "/b.png"})
+    r.close()
+    assert Recorder(out, fmt).done == {"/a.png", "/b.png"}
+
+
 def test_ray_engine_missing_says_how_to_install(inputs, model_args, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "ray", None)
     monkeypatch.delitem(sys.modules, "adaptclip.client.label_ray", raising=False)
