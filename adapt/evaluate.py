@@ -36,10 +36,9 @@ from adaptclip.adapt.methods import TextSide, adapt_views, normalized_entropy, s
 from adaptclip.adapt.metrics import classification_metrics, ranked_classes
 from adaptclip.adapt.settings import METHODS, AdaptSettings
 from adaptclip.adapt.shifts import SHIFT_NAMES, Shift, get_shift
+from adaptclip.server.decode import IMAGE_SUFFIXES
 from adaptclip.server.models import HostedModel
 from adaptclip.server.tta import render_views
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
+from adaptclip.compression.tokens import cls_attention_heads
+from adaptclip.server.decode import IMAGE_SUFFIXES
 
 
 @dataclass
@@ -64,19 +65,10 @@ def _heads(block: nn.Module) -> int:
 def cls_attention(block: nn.Module, x: Tensor) -> Tensor:
     """CLS-to-patch attention [N, H, P] of one block from its ln_1 output x [N, L, D] (batch first).
 
-    open_clip's fused attention returns no weights, so the CLS row is recomputed from q_cls and k
-    with the block's own in-projection; the CLS self-weight is dropped and the rest renormalised.
+    open_clip's fused attention returns no weights, so the CLS row is recomputed (the token
+    compressor's explicit form); the CLS self-weight is dropped and the rest renormalised.
     """
-    attn = block.attn
-    heads = _heads(block)
-    n, length, dim = x.shape
-    w, b = attn.in_proj_weight, attn.in_proj_bias
-    q = F.linear(x[:, :1], w[:dim], None if b is None else b[:dim])
-    k = F.linear(x, w[dim:2 * dim], None if b is None else b[dim:2 * dim])
-    q = q.view(n, 1, heads, dim // heads).transpose(1, 2)
-    k = k.view(n, length, heads, dim // heads).transpose(1, 2)
-    scores = (q @ k.transpose(-1, -2)).squeeze(2) / math.sqrt(dim // heads)
-    probs = scores.softmax(-1)[..., 1:]
+    probs = cls_attention_heads(block, x)[..., 1:]
     return probs / probs.sum(-1, keepdim=True)
 
 

@@ -48,12 +48,13 @@ def kept_count(n_patches: int, keep_rate: float) -> int:
     return max(1, math.ceil(round(keep_rate * n_patches, 6)))
 
 
-def cls_attention(block: ResidualAttentionBlock, y: Tensor) -> Tensor:
-    """Head-averaged attention of the CLS token (position 0) on every token: [N, L] float32, rows sum to 1.
+def cls_attention_heads(block: ResidualAttentionBlock, y: Tensor) -> Tensor:
+    """Per-head attention of the CLS token (position 0) on every token: [N, H, L] float32, rows sum to 1.
 
     y is ln_1(x) of the block's input, [N, L, D] (batch first). Written as q_cls against all k,
     folded: q_h . (W_k,h y_j + b_k,h) = (W_k,h^T q_h) . y_j + const_h, and the constant cancels in
     the softmax over j, so no [N, L, D] key tensor is built (cost L*D*H per image, not L*D*D).
+    Differentiable in y (SPDFQ's attention prior optimises images through it).
     """
     attn = block.attn
     d, heads = attn.embed_dim, attn.num_heads
@@ -64,8 +65,12 @@ def cls_attention(block: ResidualAttentionBlock, y: Tensor) -> Tensor:
         q = q + attn.in_proj_bias[:d].float()
     q = q.view(-1, heads, head_dim) * head_dim ** -0.5
     folded = torch.einsum("nhe,hed->nhd", q, weight[d:2 * d].view(heads, head_dim, d))
-    logits = torch.einsum("nld,nhd->nhl", y.float(), folded)
-    return logits.softmax(-1).mean(1)
+    return torch.einsum("nld,nhd->nhl", y.float(), folded).softmax(-1)
+
+
+def cls_attention(block: ResidualAttentionBlock, y: Tensor) -> Tensor:
+    """Head-averaged CLS attention on every token, [N, L] float32 (see cls_attention_heads)."""
+    return cls_attention_heads(block, y).mean(1)
 
 
 @dataclass(frozen=True)
