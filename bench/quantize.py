@@ -9,7 +9,8 @@ the paper's data-free results live; plus onnxruntime's calibration-free MatMulNB
 (accuracy_level 4).
 
 Speed: images/s of fp32 torch vs fp32 ONNX vs W8A8 ONNX on ViT-B-32 at 224 px (random init: speed
-does not depend on the weights), same thread count for both runtimes.
+does not depend on the weights), same thread count for both runtimes, timed in interleaved rounds
+(median kept).
 
     .venv/bin/python bench/quantize.py --n-test 2000 --iters 200 --out bench/results/quantize.json
     .venv/bin/python bench/quantize.py --skip-accuracy --speed-model ViT-B-32 --threads 2   # speed only
@@ -20,6 +21,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -110,32 +112,52 @@ def _row_md(r: dict) -> str:
 
 
 def speed(args: argparse.Namespace, work: Path) -> dict:
-    """images/s at a fixed batch: fp32 torch vs fp32 ONNX vs W8A8 QDQ ONNX, same threads."""
+    """images/s at a fixed batch: fp32 torch vs fp32 ONNX vs W8A8 QDQ ONNX, same threads.
+
+    The three runtimes are timed in interleaved rounds (per round each runs one untimed batch, then
+    one timed batch, in turn) and the median per runtime is kept, so a change of load on the machine
+    hits all of them alike.
+    """
     torch.set_num_threads(args.threads)
     hosted = load_model(ModelSpec(model=args.speed_model, random_init=True, device="cpu"))
     size = hosted.image_size
     fp32 = export_image_tower(hosted.model, work / "speed-fp32.onnx", size)
     int8 = quantize(fp32, work / "speed-w8a8.onnx", gaussian_images(8, size).numpy(), QuantConfig(bits="w8a8"))
     batch = torch.randn(args.speed_batch, 3, size, size, generator=torch.Generator().manual_seed(0))
-
-    def timed(fn) -> float:
-        fn()  # warm-up
-        start, done = time.perf_counter(), 0
-        while done < args.speed_images:
-            fn()
-            done += len(batch)
-        return done / (time.perf_counter() - start)
-
+    feed = {"pixels": batch.numpy()}
+    runners = {"fp32_torch": lambda: hosted.model.encode_image(batch)}
+    for name, path in (("fp32_onnx", fp32), ("w8a8_onnx", int8)):
+        runners[name] = (lambda sess: lambda: sess.run(None, feed))(session(path, threads=args.threads))
+    seconds: dict[str, list[float]] = {name: [] for name in runners}
     with torch.inference_mode():
-        torch_ips = timed(lambda: hosted.model.encode_image(batch))
+        for run in runners.values():
+            run()  # warm-up
+        for _ in range(args.speed_rounds):
+            for name, run in runners.items():
+                run()  # untimed: absorbs the previous runtime's idle threads, which spin for a while
+                start = time.perf_counter()
+                run()
+                seconds[name].append(time.perf_counter() - start)
     results = {"model": args.speed_model, "image_size": size, "batch": args.speed_batch, "threads": args.threads,
-               "images": args.speed_images, "fp32_torch_ips": torch_ips}
-    for name, path in (("fp32_onnx_ips", fp32), ("w8a8_onnx_ips", int8)):
-        sess, feed = session(path, threads=args.threads), {"pixels": batch.numpy()}
-        results[name] = timed(lambda: sess.run(None, feed))
-    results["w8a8_vs_torch"] = results["w8a8_onnx_ips"] / torch_ips
+               "rounds": args.speed_rounds, "timing": "interleaved rounds, median"}
+    for name, times in seconds.items():
+        results[f"{name}_ips"] = len(batch) / statistics.median(times)
+        results[f"{name}_ips_range"] = [len(batch) / max(times), len(batch) / min(times)]
+    results["w8a8_vs_torch"] = results["w8a8_onnx_ips"] / results["fp32_torch_ips"]
     results["fp32_onnx_bytes"], results["w8a8_onnx_bytes"] = fp32.stat().st_size, int8.stat().st_size
     return results
+
+
+def cpu_model() -> str:
+    """The CPU's name and its int8 dot-product extensions: INT8 speed-ups depend on them."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor()
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
+    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    extensions = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags]
+    return f"{name} ({', '.join(extensions) or 'no AVX2'})"
 
 
 def main() -> int:
@@ -152,12 +174,13 @@ def main() -> int:
     p.add_argument("--skip-speed", action="store_true")
     p.add_argument("--speed-model", default="ViT-B-32")
     p.add_argument("--speed-batch", type=int, default=8)
-    p.add_argument("--speed-images", type=int, default=64, help="images timed per runtime (after a warm-up batch)")
+    p.add_argument("--speed-rounds", type=int, default=8, help="interleaved rounds; each times one batch per runtime after an untimed one")
     p.add_argument("--out", help="write the results as JSON here")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     out: dict = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "machine": platform.machine(),
+                 "cpu": cpu_model(),
                  "cpus": os.cpu_count(), "versions": {"torch": torch.__version__, "onnxruntime": ort.__version__}}
     with tempfile.TemporaryDirectory() as tmp:
         if not args.skip_accuracy:
@@ -168,7 +191,8 @@ def main() -> int:
         if not args.skip_speed:
             out["speed"] = speed(args, Path(tmp))
             s = out["speed"]
-            print(f"\nspeed ({s['model']} @ {s['image_size']} px, batch {s['batch']}, {s['threads']} threads): "
+            print(f"\nspeed ({s['model']} @ {s['image_size']} px, batch {s['batch']}, {s['threads']} threads, "
+                  f"median of {s['rounds']} interleaved rounds): "
                   f"fp32 torch {s['fp32_torch_ips']:.1f} img/s, fp32 ONNX {s['fp32_onnx_ips']:.1f}, "
                   f"W8A8 ONNX {s['w8a8_onnx_ips']:.1f} ({s['w8a8_vs_torch']:.2f}x torch); "
                   f"size {s['fp32_onnx_bytes'] / 1e6:.1f} MB -> {s['w8a8_onnx_bytes'] / 1e6:.1f} MB")
