@@ -182,11 +182,14 @@ def test_csv_output(inputs, reference, model_args, tmp_path):
         assert [s["label"] for s in json.loads(row["top"])] == [s["label"] for s in ref["top"]]
 
 
+RECORD = {"image": "/a.png", "sha256": "ab", "model": "m", "label_set_id": "ls_1",
+          "top": [{"label": "cat", "probability": 0.9, "logit": 1.0}]}
+
+
 @pytest.mark.parametrize("fmt", ["jsonl", "csv"])
 def test_recorder_drops_torn_tail(tmp_path, fmt):
     out = tmp_path / f"out.{fmt}"
-    rec = {"image": "/a.png", "sha256": "ab", "model": "m", "label_set_id": "ls_1",
-           "top": [{"label": "cat", "probability": 0.9, "logit": 1.0}]}
+    rec = dict(RECORD)
     r = Recorder(out, fmt)
     for name in ("/a.png", "/b\udcff é.png"):  # a file name that is not UTF-8 survives the round trip
         r.emit({**rec, "image": name})
@@ -211,8 +214,7 @@ def test_resume_retries_passing_errors_only(tmp_path, fmt):
     for name, code in (("/busy.png", "RESOURCE_EXHAUSTED"), ("/down.png", "UNAVAILABLE"),
                        ("/bad.png", "UNREADABLE"), ("/tiny.png", "INVALID_ARGUMENT")):
         r.emit(error_record(name, None, code, "why", "m", "ls_1"))
-    r.emit({"image": "/ok.png", "sha256": "ab", "model": "m", "label_set_id": "ls_1",
-            "top": [{"label": "cat", "probability": 0.9, "logit": 1.0}]})
+    r.emit({**RECORD, "image": "/ok.png"})
     r.emit({"image": "/busy.png", "sha256": "cd", "model": "m", "label_set_id": "ls_1",
             "top": [{"label": "dog", "probability": 0.8, "logit": 1.0}]})  # the retry answered
     r.close()
@@ -259,8 +261,7 @@ def test_another_model_into_the_same_output_is_refused(inputs, reference, model_
 def test_recorder_checks_the_model_of_each_record(tmp_path, fmt):
     """Engines that learn the served model's name from their records (Ray) are checked on emit."""
     out = tmp_path / f"out.{fmt}"
-    rec = {"image": "/a.png", "sha256": "ab", "model": "m", "label_set_id": "ls_1",
-           "top": [{"label": "cat", "probability": 0.9, "logit": 1.0}]}
+    rec = dict(RECORD)
     r = Recorder(out, fmt)
     r.emit(rec)
     r.close()
