@@ -28,6 +28,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="fail unless the mean embedding cosine to fp32 on held-out images reaches this")
     p.add_argument("--ops", choices=["linear", "all"], default="linear", help="which ops get quantised")
     p.add_argument("--attention", choices=["fp32", "int8"], default="fp32", help="attention probabilities")
+    p.add_argument("--full-range-weights", action="store_true",
+                   help="int8 weights on all 8 bits; by default 7, because x86 CPUs without VNNI overflow on 8")
     p.add_argument("--calib-method", choices=["minmax", "percentile", "entropy"], default="minmax")
     p.add_argument("--threads", type=int, help="torch CPU threads for the synthesis (1 is fastest on a busy machine)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -54,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = BundleConfig(calib=args.calib, n_calib=args.n_calib, n_check=args.n_check, check_images=args.check_images,
                        min_cosine=args.min_cosine,
                        quant=QuantConfig(bits=args.bits, ops=args.ops, calib_method=args.calib_method,
-                                         attention=args.attention),
+                                         attention=args.attention, reduce_range=not args.full_range_weights),
                        synthesis=SynthesisConfig(iters=args.iters, seed=args.seed, progress=not args.quiet))
     try:
         hosted = load_model(ModelSpec(model=args.model, pretrained=args.pretrained, device="cpu",

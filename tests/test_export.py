@@ -91,6 +91,26 @@ def test_w4a4_runs_simulated(tmp_path: Path, hosted: HostedModel) -> None:
     assert 0.8 < got.cosine_mean < 0.9999
 
 
+def _weight_ranges(path: Path) -> dict[int, int]:
+    """{ONNX data type: largest |value|} over the quantised weight initialisers."""
+    out: dict[int, int] = {}
+    for t in onnx.load(str(path)).graph.initializer:
+        if t.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.INT4) and len(t.dims) >= 1:
+            out[t.data_type] = max(out.get(t.data_type, 0), int(np.abs(onnx.numpy_helper.to_array(t).astype(np.int32)).max()))
+    return out
+
+
+@pytest.mark.parametrize("reduce_range", [True, False])
+def test_int8_weights_use_7_bits_unless_asked(tmp_path: Path, hosted: HostedModel, reduce_range: bool) -> None:
+    """7-bit int8 weights by default (non-VNNI x86 CPUs overflow on 8); int4 weights keep their range."""
+    fp32 = export_image_tower(hosted.model, tmp_path / "f.onnx", hosted.image_size)
+    calib = torch.randn(8, 3, hosted.image_size, hosted.image_size, generator=torch.Generator().manual_seed(1)).numpy()
+    w8 = _weight_ranges(quantize(fp32, tmp_path / "w8.onnx", calib, QuantConfig(bits="w8a8", reduce_range=reduce_range)))
+    assert w8[onnx.TensorProto.INT8] == (64 if reduce_range else 127)
+    w4 = _weight_ranges(quantize(fp32, tmp_path / "w4.onnx", calib, QuantConfig(bits="w4a8", reduce_range=reduce_range)))
+    assert w4[onnx.TensorProto.INT4] in (7, 8)
+
+
 def test_threshold_failure_is_clear_and_writes_nothing(tmp_path: Path, hosted: HostedModel) -> None:
     out = tmp_path / "refused"
     with pytest.raises(ExportError, match=r"below the threshold 1\.01"):
@@ -113,13 +133,21 @@ def test_cli_quantize(tmp_path: Path, tiny_checkpoint: Path, capsys: pytest.Capt
     labels = tmp_path / "labels.txt"
     labels.write_text("cat\ndog\ncar\n")
     out = tmp_path / "cli-bundle"
-    args = parser.parse_args(["quantize", "--model", str(TINY_CONFIG), "--pretrained", str(tiny_checkpoint),
-                              "--labels-file", str(labels), "--calib", "gaussian", "--bits", "w8a8", "-o", str(out),
-                              "--n-calib", "8", "--n-check", "4", "--quiet", "--min-cosine", str(MIN_COSINE_W8A8)])
+    sys_args = ["quantize", "--model", str(TINY_CONFIG), "--pretrained", str(tiny_checkpoint), "--labels-file",
+                str(labels), "--calib", "gaussian", "--bits", "w8a8", "-o", str(out), "--n-calib", "8", "--n-check", "4",
+                "--quiet", "--min-cosine", str(MIN_COSINE_W8A8)]
+    args = parser.parse_args(sys_args)
     assert cli_quantize.run(args) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["cosine_mean"] >= MIN_COSINE_W8A8 and (out / "model.onnx").is_file()
     assert json.loads((out / "label_sets" / "default.json").read_text())["labels"] == ["cat", "dog", "car"]
+    assert json.loads((out / "manifest.json").read_text())["quantization"]["reduce_range"] is True
+    assert _weight_ranges(out / "model.onnx")[onnx.TensorProto.INT8] == 64
+    full = parser.parse_args([*sys_args, "--full-range-weights"])
+    full.output = str(tmp_path / "full-range")
+    assert cli_quantize.run(full) == 0
+    assert json.loads((Path(full.output) / "manifest.json").read_text())["quantization"]["reduce_range"] is False
+    assert _weight_ranges(Path(full.output) / "model.onnx")[onnx.TensorProto.INT8] == 127
     args.min_cosine = 1.01
     args.output = str(tmp_path / "refused")
     assert cli_quantize.run(args) == 1
