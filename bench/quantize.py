@@ -25,6 +25,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -111,41 +112,50 @@ def _row_md(r: dict) -> str:
     return f"| {r['model']} | {r['calib']} | {100 * r['top1']:.2f} | {r['cosine']:.4f} | {100 * r['agree']:.2f} | {size} |"
 
 
-def speed(args: argparse.Namespace, work: Path) -> dict:
-    """images/s at a fixed batch: fp32 torch vs fp32 ONNX vs W8A8 QDQ ONNX, same threads.
+def interleaved(runners: dict[str, Callable[[], object]], batch: int, rounds: int) -> dict[str, float | list[float]]:
+    """images/s per runner, timed in interleaved rounds: per round each runs one untimed batch (it
+    absorbs the previous runtime's idle threads, which spin for a while), then one timed batch, in
+    turn. The median is kept, so a change of load on the machine hits all runners alike; with it
+    the slowest and fastest round ({name}_ips_range)."""
+    seconds: dict[str, list[float]] = {name: [] for name in runners}
+    with torch.inference_mode():
+        for run in runners.values():
+            run()  # warm-up
+        for _ in range(rounds):
+            for name, run in runners.items():
+                run()
+                start = time.perf_counter()
+                run()
+                seconds[name].append(time.perf_counter() - start)
+    out: dict[str, float | list[float]] = {}
+    for name, times in seconds.items():
+        out[f"{name}_ips"] = batch / statistics.median(times)
+        out[f"{name}_ips_range"] = [batch / max(times), batch / min(times)]
+    return out
 
-    The three runtimes are timed in interleaved rounds (per round each runs one untimed batch, then
-    one timed batch, in turn) and the median per runtime is kept, so a change of load on the machine
-    hits all of them alike.
-    """
+
+def speed(args: argparse.Namespace, work: Path) -> dict:
+    """images/s at a fixed batch: fp32 torch vs fp32 ONNX vs W8A8 QDQ ONNX, same threads, interleaved."""
     torch.set_num_threads(args.threads)
     hosted = load_model(ModelSpec(model=args.speed_model, random_init=True, device="cpu"))
     size = hosted.image_size
     fp32 = export_image_tower(hosted.model, work / "speed-fp32.onnx", size)
     int8 = quantize(fp32, work / "speed-w8a8.onnx", gaussian_images(8, size).numpy(), QuantConfig(bits="w8a8"))
     batch = torch.randn(args.speed_batch, 3, size, size, generator=torch.Generator().manual_seed(0))
-    feed = {"pixels": batch.numpy()}
     runners = {"fp32_torch": lambda: hosted.model.encode_image(batch)}
     for name, path in (("fp32_onnx", fp32), ("w8a8_onnx", int8)):
-        runners[name] = (lambda sess: lambda: sess.run(None, feed))(session(path, threads=args.threads))
-    seconds: dict[str, list[float]] = {name: [] for name in runners}
-    with torch.inference_mode():
-        for run in runners.values():
-            run()  # warm-up
-        for _ in range(args.speed_rounds):
-            for name, run in runners.items():
-                run()  # untimed: absorbs the previous runtime's idle threads, which spin for a while
-                start = time.perf_counter()
-                run()
-                seconds[name].append(time.perf_counter() - start)
+        runners[name] = onnx_runner(session(path, threads=args.threads), batch.numpy())
     results = {"model": args.speed_model, "image_size": size, "batch": args.speed_batch, "threads": args.threads,
-               "rounds": args.speed_rounds, "timing": "interleaved rounds, median"}
-    for name, times in seconds.items():
-        results[f"{name}_ips"] = len(batch) / statistics.median(times)
-        results[f"{name}_ips_range"] = [len(batch) / max(times), len(batch) / min(times)]
+               "rounds": args.speed_rounds, "timing": "interleaved rounds, median",
+               **interleaved(runners, len(batch), args.speed_rounds)}
     results["w8a8_vs_torch"] = results["w8a8_onnx_ips"] / results["fp32_torch_ips"]
     results["fp32_onnx_bytes"], results["w8a8_onnx_bytes"] = fp32.stat().st_size, int8.stat().st_size
     return results
+
+
+def onnx_runner(sess: ort.InferenceSession, pixels: np.ndarray) -> Callable[[], object]:
+    feed = {"pixels": pixels}
+    return lambda: sess.run(None, feed)
 
 
 def cpu_model() -> str:
