@@ -29,7 +29,7 @@ from adaptclip.compression.export import QuantConfig, agreement, export_image_to
 from adaptclip.compression.spdfq import gaussian_images, real_images
 from adaptclip.server.config import ModelSpec
 from adaptclip.server.models import load_model
-from quantize import SHARED, cpu_model, interleaved, load_test_set, onnx_runner, top1
+from quantize import SHARED, interleaved, load_test_set, onnx_runner, run_info, top1, write_results
 
 SPEED_VARIANTS = {  # name -> QuantConfig overrides (W8A8 static QDQ, gaussian calibration)
     "w8a8 (export default: 7-bit weights)": {},
@@ -119,17 +119,14 @@ def main() -> int:
     p.add_argument("--out", help="write the results as JSON here")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    out: dict = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "cpu": cpu_model(),
-                 "versions": {"torch": torch.__version__, "onnxruntime": ort.__version__}}
+    out = run_info()
     with tempfile.TemporaryDirectory() as tmp:
         if "accuracy" in args.parts:
             out["accuracy"] = accuracy(args, Path(tmp))
         if "speed" in args.parts:
             out["speed"] = speed(args, Path(tmp))
             print(json.dumps(out["speed"], indent=1))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(out, indent=1))
+    write_results(args.out, out)
     return 0
 
 

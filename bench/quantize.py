@@ -170,6 +170,19 @@ def cpu_model() -> str:
     return f"{name} ({', '.join(extensions) or 'no AVX2'})"
 
 
+def run_info() -> dict:
+    """The command, the machine and the versions, recorded with every result."""
+    return {"command": " ".join([Path(sys.executable).name, *sys.argv]), "machine": platform.machine(),
+            "cpu": cpu_model(), "cpus": os.cpu_count(),
+            "versions": {"torch": torch.__version__, "onnxruntime": ort.__version__}}
+
+
+def write_results(path: str | None, out: dict) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(out, indent=1))
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model-dir", default=str(SHARED))
@@ -189,9 +202,7 @@ def main() -> int:
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    out: dict = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "machine": platform.machine(),
-                 "cpu": cpu_model(),
-                 "cpus": os.cpu_count(), "versions": {"torch": torch.__version__, "onnxruntime": ort.__version__}}
+    out = run_info()
     with tempfile.TemporaryDirectory() as tmp:
         if not args.skip_accuracy:
             out["accuracy"] = accuracy(args, Path(tmp))
@@ -206,9 +217,7 @@ def main() -> int:
                   f"fp32 torch {s['fp32_torch_ips']:.1f} img/s, fp32 ONNX {s['fp32_onnx_ips']:.1f}, "
                   f"W8A8 ONNX {s['w8a8_onnx_ips']:.1f} ({s['w8a8_vs_torch']:.2f}x torch); "
                   f"size {s['fp32_onnx_bytes'] / 1e6:.1f} MB -> {s['w8a8_onnx_bytes'] / 1e6:.1f} MB")
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(out, indent=1))
+    write_results(args.out, out)
     return 0
 
 
