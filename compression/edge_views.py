@@ -1,0 +1,335 @@
+"""Augmented views for test-time adaptation on the edge: numpy and Pillow only, seeded per image.
+
+The torch-free counterpart of `adaptclip.adapt.views.ViewGenerator` (and of the shrink step of its
+`render_views`): view 0 is the model's plain preprocessing (`compression.edge.preprocess_image`);
+every other view is a RandomResizedCrop of the image (torchvision's algorithm, `crop_boxes` =
+`adapt.views._crop_boxes`), a horizontal flip with p = 0.5, then optionally AugMix with the official
+PIL ops (azshue/TPT data/augmix_ops.py, as hzhxmu/GS-Bias uses them): `width` chains of 1..3 ops,
+Dirichlet(1) mix weights, Beta(1, 1) blend with the plain crop. What equals what:
+
+- `resized_crops` = torch `F.interpolate(crop, (S, S), mode, antialias=True).clamp(0, 1)` per view
+  (the torch path), to ~1e-5 in [0, 1] units; PIL's own resampling on 8-bit images rounds and clips
+  between its two passes and differs by up to a few hundredths. All views are resampled together
+  with block-banded separable weights (PIL's / torch's antialiased filters) and batched matmuls.
+- AugMix chains run the official PIL ops (`augmix_op`) on the crop rounded to 8 bits (the official
+  crops are 8-bit PIL images); the plain crop they are blended with stays float, as in the torch
+  path. Point ops and the integer translations run on all views at once in numpy, equal to PIL bit
+  for bit; rotate and shear call PIL per view. translate_x/y scale with S / 3 (the official code
+  hard-codes 224), as the torch path.
+- Random draws come from a numpy Generator per image, apart from the transform (`sample`), so any
+  view is reproducible from its `ViewParams`; they are not the torch path's draws (another RNG).
+Importing this module must never pull torch or grpc.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from adaptclip.compression.edge import preprocess_image
+
+MAX_VIEW_SIDE = 4  # huge photos are shrunk to 4x the input size (short side) before cropping views
+CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)  # torchvision RandomResizedCrop default
+CROP_ATTEMPTS = 10  # torchvision tries 10 random boxes before its centre-crop fallback
+OP_NAMES = ("autocontrast", "equalize", "posterize", "rotate", "solarize",
+            "shear_x", "shear_y", "translate_x", "translate_y")
+_FILTERS = {"bicubic": 2.0, "bilinear": 1.0}  # filter support at scale 1
+_BLOCK = 8  # outputs per dense block of the banded resampling matrices
+_GATHER_BUDGET = 1 << 20  # floats gathered per batched matmul (cache-sized chunks of views are fastest)
+
+
+@dataclass(frozen=True)
+class ViewParams:
+    """Every random draw for the n augmented views of one image (n = n_views - 1)."""
+
+    boxes: np.ndarray  # [n, 4] int64 (top, left, height, width) in the (shrunk) image
+    flip: np.ndarray  # [n] bool
+    mix_weights: np.ndarray  # [n, width] Dirichlet(1)
+    blend: np.ndarray  # [n] Beta(1, 1): weight of the plain crop
+    depth: np.ndarray  # [n, width] ops per chain
+    ops: np.ndarray  # [n, width, max_depth] index into OP_NAMES
+    levels: np.ndarray  # [n, width, max_depth] AugMix sample_level: U(0.1, severity)
+    signs: np.ndarray  # [n, width, max_depth] +-1 for the signed ops
+
+    def __len__(self) -> int:
+        return len(self.boxes)
+
+    def select(self, lo: int, hi: int) -> ViewParams:
+        """Views lo..hi-1 only: render a chunk while the previous one is being encoded."""
+        return ViewParams(*(getattr(self, f)[lo:hi] for f in self.__dataclass_fields__))
+
+
+def crop_boxes(rng: np.random.Generator, n: int, height: int, width: int,
+               scale: tuple[float, float]) -> np.ndarray:
+    """torchvision RandomResizedCrop.get_params for n views: [n, 4] (top, left, h, w). 10 tries of area
+    U(lo, hi) x aspect log-U(3/4, 4/3); the first that fits wins, else a centre crop, ratio clamped."""
+    target = height * width * rng.uniform(scale[0], scale[1], (n, CROP_ATTEMPTS))
+    aspect = np.exp(rng.uniform(math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1]), (n, CROP_ATTEMPTS)))
+    ws = np.round(np.sqrt(target * aspect)).astype(np.int64)
+    hs = np.round(np.sqrt(target / aspect)).astype(np.int64)
+    offsets = rng.uniform(size=(n, 2))
+    fits = (ws > 0) & (ws <= width) & (hs > 0) & (hs <= height)
+    first = fits.argmax(axis=1)
+    h, w = hs[np.arange(n), first], ws[np.arange(n), first]
+    boxes = np.stack([(offsets[:, 0] * (height - h + 1)).astype(np.int64),
+                      (offsets[:, 1] * (width - w + 1)).astype(np.int64), h, w], axis=1)
+    ratio = width / height
+    if ratio < CROP_RATIO[0]:
+        fh, fw = int(round(width / CROP_RATIO[0])), width
+    elif ratio > CROP_RATIO[1]:
+        fh, fw = height, int(round(height * CROP_RATIO[1]))
+    else:
+        fh, fw = height, width
+    boxes[~fits.any(axis=1)] = ((height - fh) // 2, (width - fw) // 2, fh, fw)
+    return boxes
+
+
+def _banded_weights(starts: np.ndarray, lengths: np.ndarray, size: int, limit: int,
+                    interpolation: str) -> tuple[np.ndarray, np.ndarray]:
+    """Antialiased resampling of [start, start + length) to `size` samples for each view, as PIL's
+    and torch's (antialias=True) separable filters compute it, in dense blocks of _BLOCK outputs.
+
+    Returns (index [n, G, span]: input positions in [0, limit), weights [n, G, _BLOCK, span] float32):
+    output g * _BLOCK + i of view v = sum_t weights[v, g, i, t] * input[index[v, g, t]].
+    """
+    support0 = _FILTERS[interpolation]
+    blocks = -(-size // _BLOCK)
+    length = lengths.astype(np.float64)[:, None, None]
+    scale = length / size
+    stretch = np.maximum(scale, 1.0)  # the filter widens when downsampling (antialiasing)
+    support = support0 * stretch
+    # Padding outputs past `size` repeat the last one; callers drop them.
+    out = np.minimum(np.arange(blocks * _BLOCK), size - 1).reshape(1, blocks, _BLOCK)
+    center = (out + 0.5) * scale  # [n, G, B]
+    lo = np.maximum(np.trunc(center - support + 0.5), 0).astype(np.int64)
+    hi = np.minimum(np.trunc(center + support + 0.5), length).astype(np.int64)
+    first = lo[:, :, :1]  # [n, G, 1]: taps start nondecreasing, so a block starts at its first output's
+    span = int((hi[:, :, -1:] - first).max())
+    taps = first[..., None] + np.arange(span)  # [n, G, 1, span] crop-relative positions
+    x = np.abs((taps - center[..., None] + 0.5) / stretch[..., None])
+    if interpolation == "bicubic":  # Keys a = -0.5, as PIL and torch's antialiased bicubic
+        kernel = np.where(x < 1.0, (1.5 * x - 2.5) * x * x + 1.0,
+                          np.where(x < 2.0, ((-0.5 * x + 2.5) * x - 4.0) * x + 2.0, 0.0))
+    else:
+        kernel = np.maximum(1.0 - x, 0.0)
+    kernel = np.where((taps >= lo[..., None]) & (taps < hi[..., None]), kernel, 0.0)
+    kernel /= kernel.sum(axis=-1, keepdims=True)
+    index = np.clip(starts[:, None, None] + taps[:, :, 0], 0, limit - 1)  # out-of-crop taps weigh 0
+    return index, kernel.astype(np.float32)
+
+
+def resized_crops(pixels: np.ndarray, boxes: np.ndarray, size: int, interpolation: str = "bicubic") -> np.ndarray:
+    """Crop every box of `pixels` [H, W, 3] (float in [0, 1]) and resize it to size x size with
+    antialiasing: [n, 3, size, size] float32, clamped to [0, 1], equal to the torch path's per-view
+    F.interpolate(..., antialias=True). Two batched matmuls per chunk of views, no per-view calls."""
+    pixels = np.asarray(pixels, np.float32)
+    boxes = np.asarray(boxes, np.int64).reshape(-1, 4)
+    height, width = pixels.shape[:2]
+    rows, wy = _banded_weights(boxes[:, 0], boxes[:, 2], size, height, interpolation)
+    cols, wx = _banded_weights(boxes[:, 1], boxes[:, 3], size, width, interpolation)
+    out = np.empty((len(boxes), 3, size, size), np.float32)
+    step = max(1, _GATHER_BUDGET // (rows.shape[1] * rows.shape[2] * width * 3))
+    for start in range(0, len(boxes), step):
+        part = slice(start, start + step)
+        n = len(boxes[part])
+        c0 = int(boxes[part, 1].min())
+        c1 = int((boxes[part, 1] + boxes[part, 3]).max())
+        gathered = pixels[rows[part], c0:c1].reshape(*rows[part].shape, (c1 - c0) * 3)  # [n, G, span, w*3]
+        tall = (wy[part] @ gathered).reshape(n, -1, c1 - c0, 3)[:, :size]  # [n, S rows, w, 3]
+        tall = np.ascontiguousarray(tall.transpose(0, 2, 1, 3)).reshape(n, c1 - c0, size * 3)
+        local = np.clip(cols[part] - c0, 0, c1 - c0 - 1)
+        wide = wx[part] @ tall[np.arange(n)[:, None, None], local]  # [n, G, B, S*3]
+        out[part] = wide.reshape(n, -1, size, 3)[:, :size].transpose(0, 3, 2, 1)
+    return np.clip(out, 0.0, 1.0, out=out)
+
+
+def augmix_op(image: Image.Image, op: str, level: float, sign: float) -> Image.Image:
+    """One official AugMix op (augmix_ops.py) on an 8-bit square image, with its drawn level and sign."""
+    size = image.size[0]
+    bilinear = Image.Resampling.BILINEAR
+    if op == "autocontrast":
+        return ImageOps.autocontrast(image)
+    if op == "equalize":
+        return ImageOps.equalize(image)
+    if op == "posterize":
+        return ImageOps.posterize(image, 4 - int(level * 4 / 10))
+    if op == "rotate":
+        return image.rotate(int(level * 30 / 10) * sign, resample=bilinear)
+    if op == "solarize":
+        return ImageOps.solarize(image, 256 - int(level * 256 / 10))
+    shear, shift = level * 0.3 / 10 * sign, int(level * (size / 3) / 10) * sign
+    matrix = {"shear_x": (1, shear, 0, 0, 1, 0), "shear_y": (1, 0, 0, shear, 1, 0),
+              "translate_x": (1, 0, shift, 0, 1, 0), "translate_y": (1, 0, 0, 0, 1, shift)}[op]
+    return image.transform((size, size), Image.Transform.AFFINE, matrix, resample=bilinear)
+
+
+def _augmix_batch(op: str, images: np.ndarray, levels: np.ndarray, signs: np.ndarray) -> np.ndarray:
+    """One AugMix op on m 8-bit images [m, S, S, 3], each with its own level and sign, equal to
+    `augmix_op` on each image bit for bit (tests/test_edge_views.py). Point ops and the integer
+    translations run on all images at once in numpy; rotate and shear call PIL per image, whose C
+    bilinear sampling is faster than numpy's gathers at any size (an exact numpy copy measured 2-7x slower)."""
+    size = images.shape[1]
+    if op == "posterize":
+        bits = 4 - (levels * 4 / 10).astype(np.int64)
+        return images & (~(2 ** (8 - bits) - 1) & 0xFF).astype(np.uint8).reshape(-1, 1, 1, 1)
+    if op == "solarize":
+        threshold = (256 - (levels * 256 / 10).astype(np.int64)).reshape(-1, 1, 1, 1)
+        return np.where(images < threshold, images, 255 - images).astype(np.uint8)
+    if op in ("autocontrast", "equalize"):  # one 256-entry table per image and channel, from its histogram
+        rows = images.transpose(0, 3, 1, 2).reshape(-1, size * size)
+        index = rows + (256 * np.arange(len(rows)))[:, None]  # into the stacked tables
+        hist = np.bincount(index.ravel(), minlength=256 * len(rows)).reshape(-1, 256)
+        lut = (_equalize_lut if op == "equalize" else _autocontrast_lut)(hist)
+        mapped = lut.astype(np.uint8).ravel()[index]
+        return mapped.reshape(len(images), 3, size, size).transpose(0, 2, 3, 1)
+    if op in ("translate_x", "translate_y"):
+        # PIL's bilinear affine at an integer offset samples pixel centres exactly: a shift, 0 outside.
+        shifted = np.zeros_like(images)
+        shifts = (levels * (size / 3) / 10).astype(np.int64) * signs.astype(np.int64)
+        for target, source, t in zip(shifted, images, shifts):  # output(x) = input(x + t)
+            if op == "translate_x":
+                target, source = target.swapaxes(0, 1), source.swapaxes(0, 1)
+            target[max(-t, 0):size - max(t, 0)] = source[max(t, 0):size + min(t, 0)]
+        return shifted
+    return np.stack([np.asarray(augmix_op(Image.fromarray(image), op, float(level), float(sign)))
+                     for image, level, sign in zip(images, levels, signs)])
+
+
+def _autocontrast_lut(hist: np.ndarray) -> np.ndarray:
+    """ImageOps.autocontrast's table (cutoff 0) per 256-bin histogram [R, 256] -> [R, 256]."""
+    present = hist > 0
+    lo = present.argmax(axis=1)[:, None]
+    hi = 255 - present[:, ::-1].argmax(axis=1)[:, None]
+    scale = 255.0 / np.maximum(hi - lo, 1)
+    stretched = np.clip(np.trunc(np.arange(256) * scale + -lo * scale), 0, 255)
+    return np.where(hi > lo, stretched, np.arange(256))
+
+
+def _equalize_lut(hist: np.ndarray) -> np.ndarray:
+    """ImageOps.equalize's table per 256-bin histogram [R, 256] -> [R, 256] (clipped as Image.point does)."""
+    last = 255 - (hist[:, ::-1] > 0).argmax(axis=1)
+    step = (hist.sum(axis=1) - hist[np.arange(len(hist)), last]) // 255
+    keep = ((hist > 0).sum(axis=1) <= 1) | (step == 0)
+    step = np.maximum(step, 1)[:, None]
+    equalized = np.clip((step // 2 + np.cumsum(hist, axis=1) - hist) // step, 0, 255)
+    return np.where(keep[:, None], np.arange(256), equalized)
+
+
+def shrink_for_views(image: Image.Image, size: int) -> Image.Image:
+    """RGB, short side at most MAX_VIEW_SIDE * size (PIL bicubic), as the torch path's render_views."""
+    image = image.convert("RGB")
+    short = min(image.size)
+    if short > MAX_VIEW_SIDE * size:
+        factor = MAX_VIEW_SIDE * size / short
+        image = image.resize((round(image.width * factor), round(image.height * factor)), Image.Resampling.BICUBIC)
+    return image
+
+
+class ViewRenderer:
+    """Builds [n_views, 3, S, S] normalised float32 views of one PIL image, as the torch ViewGenerator."""
+
+    def __init__(self, image_size: int, mean: Sequence[float], std: Sequence[float], *,
+                 crop_scale: tuple[float, float] = (0.08, 1.0), augmix: bool = True,
+                 augmix_severity: float = 1.0, augmix_width: int = 3, augmix_depth: int = -1,
+                 interpolation: str = "bicubic", preprocess_interpolation: str = "bicubic",
+                 resize_mode: str = "shortest") -> None:
+        """augmix_depth = -1 draws 1..3 ops per chain (the official choice), else a fixed count.
+        `interpolation` resamples the crops (the torch path's default, bicubic); view 0 uses the
+        model's own `preprocess_interpolation` and `resize_mode` (a bundle's `preprocess` entry)."""
+        if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
+            raise ValueError(f"image_size must be an int >= 1, got {image_size!r}")
+        if len(mean) != 3 or len(std) != 3 or not all(math.isfinite(s) and s > 0 for s in std):
+            raise ValueError(f"mean and std must have 3 values, std finite and > 0, got {mean!r}, {std!r}")
+        if len(crop_scale) != 2 or not 0.0 < crop_scale[0] <= crop_scale[1] <= 1.0:
+            raise ValueError(f"crop_scale must be (lo, hi) with 0 < lo <= hi <= 1, got {crop_scale!r}")
+        if not 0.1 <= augmix_severity <= 10.0:
+            raise ValueError(f"augmix_severity must be in [0.1, 10], got {augmix_severity!r}")
+        if isinstance(augmix_width, bool) or not isinstance(augmix_width, int) or augmix_width < 1:
+            raise ValueError(f"augmix_width must be an int >= 1, got {augmix_width!r}")
+        if isinstance(augmix_depth, bool) or not isinstance(augmix_depth, int) or not (
+                augmix_depth == -1 or augmix_depth >= 1):
+            raise ValueError(f"augmix_depth must be -1 (random 1..3) or an int >= 1, got {augmix_depth!r}")
+        if interpolation not in _FILTERS:
+            raise ValueError(f"interpolation must be one of {tuple(_FILTERS)}, got {interpolation!r}")
+        self.image_size = image_size
+        self.mean = np.asarray(mean, np.float32).reshape(3, 1, 1)
+        self.std = np.asarray(std, np.float32).reshape(3, 1, 1)
+        self.crop_scale = (float(crop_scale[0]), float(crop_scale[1]))
+        self.augmix = augmix
+        self.severity = float(augmix_severity)
+        self.width = augmix_width
+        self.depth = augmix_depth
+        self.interpolation = interpolation
+        self.preprocess_interpolation = preprocess_interpolation
+        self.resize_mode = resize_mode
+
+    @classmethod
+    def for_bundle(cls, preprocess: dict, **options: object) -> ViewRenderer:
+        """A renderer for a bundle's manifest `preprocess` entry (size, mean, std, interpolation, resize_mode)."""
+        return cls(int(preprocess["size"]), preprocess["mean"], preprocess["std"],
+                   preprocess_interpolation=preprocess.get("interpolation", "bicubic"),
+                   resize_mode=preprocess.get("resize_mode", "shortest"), **options)
+
+    def __call__(self, image: Image.Image, n_views: int, seed: int | None = None,
+                 view0: np.ndarray | None = None) -> np.ndarray:
+        """All views [n_views, 3, S, S] of `image`: view 0 its plain preprocessing (`view0` when the
+        caller has it already), the rest drawn from np.random.default_rng(seed) (None: fresh entropy)."""
+        if isinstance(n_views, bool) or not isinstance(n_views, int) or n_views < 1:
+            raise ValueError(f"n_views must be an int >= 1, got {n_views!r}")
+        if view0 is None:
+            view0 = preprocess_image(image, self.image_size, self.mean.ravel(), self.std.ravel(),
+                                     self.preprocess_interpolation, self.resize_mode)
+        if n_views == 1:
+            return view0[None].astype(np.float32)
+        pixels = self.prepare(image)
+        params = self.sample(np.random.default_rng(seed), n_views - 1, *pixels.shape[:2])
+        return np.concatenate([view0[None].astype(np.float32), self.render(pixels, params)])
+
+    def prepare(self, image: Image.Image) -> np.ndarray:
+        """The pixels views are cropped from: [H, W, 3] float32 in [0, 1], huge photos shrunk."""
+        return np.asarray(shrink_for_views(image, self.image_size), np.float32) / 255.0
+
+    def sample(self, rng: np.random.Generator, n: int, height: int, width: int) -> ViewParams:
+        """All random draws for n views of a height x width image, in a fixed order from one generator
+        (drawn whether AugMix is on or not, so switching it keeps the crops)."""
+        boxes = crop_boxes(rng, n, height, width, self.crop_scale)
+        flip = rng.uniform(size=n) < 0.5
+        chains, max_depth = self.width, (3 if self.depth == -1 else self.depth)
+        mix_weights = rng.dirichlet(np.ones(chains), size=n)
+        blend = rng.beta(1.0, 1.0, size=n)
+        depth = rng.integers(1, 4, (n, chains)) if self.depth == -1 else np.full((n, chains), self.depth)
+        ops = rng.integers(0, len(OP_NAMES), (n, chains, max_depth))
+        levels = rng.uniform(0.1, self.severity, (n, chains, max_depth))
+        signs = np.where(rng.uniform(size=(n, chains, max_depth)) > 0.5, -1.0, 1.0)
+        return ViewParams(boxes, flip, mix_weights, blend, depth, ops, levels, signs)
+
+    def render(self, pixels: np.ndarray, params: ViewParams) -> np.ndarray:
+        """The augmented views of `params` from `prepare`d pixels, normalised: [n, 3, S, S] float32."""
+        return (self.augment(pixels, params) - self.mean) / self.std
+
+    def augment(self, pixels: np.ndarray, params: ViewParams) -> np.ndarray:
+        """Crop + flip (+ AugMix) every view, before normalisation: [n, 3, S, S] float32 in [0, 1]."""
+        crops = resized_crops(pixels, params.boxes, self.image_size, self.interpolation)
+        crops[params.flip] = crops[params.flip, :, :, ::-1]
+        if not self.augmix or len(params) == 0:
+            return crops
+        eight_bit = np.ascontiguousarray(crops.transpose(0, 2, 3, 1)) * 255.0  # as the official PIL crops
+        eight_bit = np.round(eight_bit, out=eight_bit).astype(np.uint8)
+        mix = np.zeros(eight_bit.shape, np.float32)
+        for chain in range(self.width):
+            images = eight_bit.copy()
+            for step in range(params.ops.shape[-1]):
+                for index, op in enumerate(OP_NAMES):
+                    rows = np.flatnonzero((params.depth[:, chain] > step) & (params.ops[:, chain, step] == index))
+                    if len(rows):
+                        images[rows] = _augmix_batch(op, images[rows], params.levels[rows, chain, step],
+                                                     params.signs[rows, chain, step])
+            weighted = images.astype(np.float32)
+            weighted *= (params.mix_weights[:, chain] / 255.0).astype(np.float32).reshape(-1, 1, 1, 1)
+            mix += weighted
+        blend = params.blend.astype(np.float32).reshape(-1, 1, 1, 1)
+        mix = mix.transpose(0, 3, 1, 2)
+        return blend * crops + (1 - blend) * mix
