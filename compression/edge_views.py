@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -59,7 +59,7 @@ class ViewParams:
 
     def select(self, lo: int, hi: int) -> ViewParams:
         """Views lo..hi-1 only: render a chunk while the previous one is being encoded."""
-        return ViewParams(*(getattr(self, f)[lo:hi] for f in self.__dataclass_fields__))
+        return ViewParams(*(getattr(self, f.name)[lo:hi] for f in fields(self)))
 
 
 def crop_boxes(rng: np.random.Generator, n: int, height: int, width: int,
@@ -128,6 +128,8 @@ def resized_crops(pixels: np.ndarray, boxes: np.ndarray, size: int, interpolatio
     pixels = np.asarray(pixels, np.float32)
     boxes = np.asarray(boxes, np.int64).reshape(-1, 4)
     height, width = pixels.shape[:2]
+    if len(boxes) == 0:
+        return np.empty((0, 3, size, size), np.float32)
     rows, wy = _banded_weights(boxes[:, 0], boxes[:, 2], size, height, interpolation)
     cols, wx = _banded_weights(boxes[:, 1], boxes[:, 3], size, width, interpolation)
     out = np.empty((len(boxes), 3, size, size), np.float32)
@@ -308,7 +310,10 @@ class ViewRenderer:
 
     def render(self, pixels: np.ndarray, params: ViewParams) -> np.ndarray:
         """The augmented views of `params` from `prepare`d pixels, normalised: [n, 3, S, S] float32."""
-        return (self.augment(pixels, params) - self.mean) / self.std
+        views = self.augment(pixels, params)
+        views -= self.mean
+        views /= self.std
+        return views
 
     def augment(self, pixels: np.ndarray, params: ViewParams) -> np.ndarray:
         """Crop + flip (+ AugMix) every view, before normalisation: [n, 3, S, S] float32 in [0, 1]."""
@@ -316,9 +321,10 @@ class ViewRenderer:
         crops[params.flip] = crops[params.flip, :, :, ::-1]
         if not self.augmix or len(params) == 0:
             return crops
-        eight_bit = np.ascontiguousarray(crops.transpose(0, 2, 3, 1)) * 255.0  # as the official PIL crops
-        eight_bit = np.round(eight_bit, out=eight_bit).astype(np.uint8)
-        mix = np.zeros(eight_bit.shape, np.float32)
+        scaled = crops * 255.0
+        eight_bit = np.rint(scaled, out=scaled).astype(np.uint8)  # as the official code's 8-bit PIL crops
+        eight_bit = np.ascontiguousarray(eight_bit.transpose(0, 2, 3, 1))  # HWC, as PIL lays images out
+        chains = np.empty((self.width, *crops.shape), np.uint8)
         for chain in range(self.width):
             images = eight_bit.copy()
             for step in range(params.ops.shape[-1]):
@@ -327,9 +333,10 @@ class ViewRenderer:
                     if len(rows):
                         images[rows] = _augmix_batch(op, images[rows], params.levels[rows, chain, step],
                                                      params.signs[rows, chain, step])
-            weighted = images.astype(np.float32)
-            weighted *= (params.mix_weights[:, chain] / 255.0).astype(np.float32).reshape(-1, 1, 1, 1)
-            mix += weighted
-        blend = params.blend.astype(np.float32).reshape(-1, 1, 1, 1)
-        mix = mix.transpose(0, 3, 1, 2)
-        return blend * crops + (1 - blend) * mix
+            chains[chain] = images.transpose(0, 3, 1, 2)
+        # blend * crop + (1 - blend) * sum_c w_c * chain_c / 255, the chain sum in one pass
+        coef = ((1 - params.blend) * params.mix_weights.T / 255.0).astype(np.float32)  # [width, n]
+        mixed = np.einsum("cn,cnx->nx", coef, chains.reshape(self.width, len(crops), -1)).reshape(crops.shape)
+        crops *= params.blend.astype(np.float32).reshape(-1, 1, 1, 1)
+        mixed += crops
+        return mixed

@@ -61,6 +61,7 @@ def test_any_chunk_of_views_renders_from_its_parameters() -> None:
     np.testing.assert_allclose(renderer.render(pixels, params.select(2, 5)),
                                renderer(image, 9, seed=7)[3:6], rtol=0, atol=1e-6)
     assert len(params.select(2, 5)) == 3
+    assert renderer.render(pixels, params.select(4, 4)).shape == (0, 3, 24, 24)
 
 
 def test_switching_augmix_keeps_the_crops_and_changes_the_pixels() -> None:
