@@ -1,0 +1,112 @@
+"""One token-compression stage (EViT-style top-k by CLS attention, plus the fused token) in one launch.
+
+Why: the torch stage (adaptclip.compression.tokens.reduce_tokens) is a topk, a sort, a gather of
+the kept tokens, a scatter and an einsum for the fused token, a concatenation and an index
+gather: about ten launches and three copies of the kept tokens per reduction. Here one program
+per (image, BLOCK_D channels) ranks the patch scores, copies each kept token once to its slot
+and accumulates the dropped ones into the fused token.
+
+Reference (the kernel must equal it): `adaptclip.compression.tokens.reduce_tokens`, same
+arguments and results: the CLS token, the k best-scored patch tokens in their current order
+(ascending position, as `topk(...).indices.sort()` keeps them), and with `fuse` (when something
+is dropped or a fused token exists) the score-weighted mean of the dropped patches and the old
+fused token, accumulated in fp32 and cast to x's dtype; the kept patches' indices.
+
+Ties: a patch ranks by (score descending, position ascending), so among equal scores at the
+k-th place the earlier positions are kept. torch.topk leaves that unspecified (on CPU it depends
+on its partial sort), so the reference may keep other tied patches: equal scores, other tokens.
+
+Limits: scores are read as fp32 (the compressor's CLS attention is fp32); x must be a CUDA
+tensor, or a CPU tensor under TRITON_INTERPRET=1 (see adaptclip.kernels._common).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from adaptclip.kernels._common import FLOAT_DTYPES, check_device
+
+_TINY = tl.constexpr(1.1754943508222875e-38)  # torch.finfo(float32).tiny: the reference's mass clamp
+
+
+@triton.jit
+def _select_kernel(x, index, scores, out, out_index, n_patch, k, D,
+                   stride_xn, stride_xt, stride_in, stride_ip, stride_sn, stride_on, stride_ot,
+                   FUSE: tl.constexpr, FUSED_IN: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr,
+                   BLOCK_D: tl.constexpr):
+    """One program: BLOCK_D channels of one image's reduced tokens (CLS, kept patches, fused)."""
+    n = tl.program_id(0).to(tl.int64)
+    d_block = tl.program_id(1)
+    d = d_block * BLOCK_D + tl.arange(0, BLOCK_D)
+    dmask = d < D
+    row_x = x + n * stride_xn
+    row_out = out + n * stride_on
+    row_s = scores + n * stride_sn
+    tl.store(row_out + d, tl.load(row_x + d, mask=dmask), mask=dmask)  # CLS
+
+    total = tl.zeros((BLOCK_D,), tl.float32)
+    mass = 0.0
+    kept_before = 0
+    for p0 in range(0, n_patch, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        pmask = p < n_patch
+        sp = tl.load(row_s + p, mask=pmask, other=0.0).to(tl.float32)
+        rank = tl.zeros((BLOCK_P,), tl.int32)  # patches ranked before p: higher score, or equal and earlier
+        for q0 in range(0, n_patch, BLOCK_Q):
+            q = q0 + tl.arange(0, BLOCK_Q)
+            sq = tl.load(row_s + q, mask=q < n_patch, other=0.0).to(tl.float32)
+            before = (sq[None, :] > sp[:, None]) | ((sq[None, :] == sp[:, None]) & (q[None, :] < p[:, None]))
+            rank += tl.sum((before & (q[None, :] < n_patch)).to(tl.int32), axis=1)
+        keep = (rank < k) & pmask
+        kept = keep.to(tl.int32)
+        slot = kept_before + tl.cumsum(kept, axis=0) - kept  # kept patches keep their order
+        rows = tl.load(row_x + (1 + p)[:, None] * stride_xt + d[None, :], mask=pmask[:, None] & dmask[None, :],
+                       other=0.0)
+        tl.store(row_out + (1 + slot)[:, None] * stride_ot + d[None, :], rows, mask=keep[:, None] & dmask[None, :])
+        if d_block == 0:
+            idx = tl.load(index + n * stride_in + p * stride_ip, mask=keep)
+            tl.store(out_index + n * k + slot, idx, mask=keep)
+        if FUSE:
+            weight = tl.where(pmask & (rank >= k), sp, 0.0)  # dropped patches only
+            total += tl.sum(weight[:, None] * rows.to(tl.float32), axis=0)
+            mass += tl.sum(weight, axis=0)
+        kept_before += tl.sum(kept, axis=0)
+
+    if FUSE:
+        if FUSED_IN:
+            w_old = tl.load(row_s + n_patch).to(tl.float32)
+            total += w_old * tl.load(row_x + (1 + n_patch) * stride_xt + d, mask=dmask, other=0.0).to(tl.float32)
+            mass += w_old
+        fused = total / tl.maximum(mass, _TINY)
+        tl.store(row_out + (1 + k) * stride_ot + d, fused.to(out.dtype.element_ty), mask=dmask)
+
+
+def reduce_tokens(x: Tensor, index: Tensor, scores: Tensor, k: int, fuse: bool,
+                  fused: bool) -> tuple[Tensor, Tensor, bool]:
+    """The kernel: same arguments and results as adaptclip.compression.tokens.reduce_tokens.
+
+    x: [N, 1 + K (+ 1 fused), D], CLS first and the fused token last when `fused`; index: [N, K];
+    scores: [N, K (+ 1)] over the patch tokens (and the fused token). Returns (x, index, fused).
+    """
+    n, tokens, dim = x.shape
+    n_patch = index.shape[1] if index.ndim == 2 else -1
+    if x.dtype not in FLOAT_DTYPES or index.shape[0] != n or tokens != 1 + n_patch + int(fused):
+        raise ValueError(f"x must be float [N, 1 + K{' + 1' if fused else ''}, D] for index [N, K], got "
+                         f"{x.dtype} {tuple(x.shape)} and {tuple(index.shape)}")
+    if scores.ndim != 2 or scores.shape[0] != n or scores.shape[1] < n_patch + int(fused):
+        raise ValueError(f"scores must be [N, {n_patch}{' + 1' if fused else ''}], got {tuple(scores.shape)}")
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n_patch:
+        raise ValueError(f"k must be an int in 1..{n_patch}, got {k!r}")
+    check_device("x", x, _select_kernel)
+    fuse = bool(fuse) and (k < n_patch or bool(fused))
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    out = torch.empty(n, 1 + k + int(fuse), dim, device=x.device, dtype=x.dtype)
+    out_index = torch.empty(n, k, device=x.device, dtype=index.dtype)
+    block_d = min(triton.next_power_of_2(dim), 128)
+    _select_kernel[(n, triton.cdiv(dim, block_d))](
+        x, index, scores, out, out_index, n_patch, k, dim, x.stride(0), x.stride(1), index.stride(0),
+        index.stride(1), scores.stride(0), out.stride(0), out.stride(1), FUSE=fuse, FUSED_IN=bool(fused),
+        BLOCK_P=32, BLOCK_Q=64, BLOCK_D=block_d)
+    return out, out_index, fuse
