@@ -1,16 +1,14 @@
 """In-process accuracy evaluation of zero-shot and test-time adaptation under distribution shifts.
 
-No gRPC, but the served code path piece by piece, so what is measured is what is served: images
-are decoded as the server does (PIL, RGB), corrupted by `adapt.shifts` (then stored as 8-bit, like a
-corrupted file), view 0 is the model's own preprocessing, the other views come from the server's
-`render_views` (seeded per image: `seed + index`), and every method runs through
-`adapt.methods.adapt_views` with the server's gate (`skips_views`) and chunked early stop
-(`view_chunks` / `stops_after`). The views of an image are encoded once, all views of
-`batch_images` images in one encoder call (larger than the server's batches, so the encoder time
-per view is a batched-throughput figure) and kept in fp32 (the server rounds augmented-view
-features to fp16 for its cache); all methods, gate thresholds and chunk sizes are then scored on the
-same features: a chunked run uses the prefix of the views the server would have encoded before
-stopping, and chunk sizes that stop at the same view count share one adaptation run.
+No gRPC, but the served decisions, so what is measured is what is served: images are decoded as the
+server does (PIL, RGB), corrupted by `adapt.shifts` (then stored as 8-bit, like a corrupted file),
+view 0 is the model's own preprocessing, the other views come from `adapt.views.render_views`
+(seeded per image: `seed + index`), everything is encoded at the model's own token keep rate, and
+every (method, gate threshold, chunk size) runs through `adapt.loop.adapt_image`, the loop the
+server runs, on features of the same precision. The difference is only in how the encoder is
+driven: all views of `batch_images` images go through it in one call, up front (larger batches than
+the server's, so the encoder time per view is a batched-throughput figure), and the loop then reads
+the prefix it asks for; a method's run is shared by every combination that hands it the same views.
 
 Cost per image = views encoded x the run's mean encoder time per view (batched) + view rendering
 (whenever views are needed) + the method's own wall time. Output records are shaped like
@@ -19,61 +17,24 @@ mean_per_class_recall) plus `method`, `shift`, `adaptation` and `cost`.
 """
 from __future__ import annotations
 
+import asyncio
 import dataclasses
-import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-import torchvision.transforms.functional as TF
-from PIL import Image
+from torch import Tensor
 
-from adaptclip.adapt.methods import TextSide, adapt_views, normalized_entropy, skips_views, stops_after, view_chunks
+from adaptclip.adapt.data import Dataset, decode_shifted
+from adaptclip.adapt.encoder import EncoderModel
+from adaptclip.adapt.loop import adapt_image
+from adaptclip.adapt.methods import MethodResult, adapt_views
 from adaptclip.adapt.metrics import classification_metrics, ranked_classes
 from adaptclip.adapt.settings import METHODS, AdaptSettings
 from adaptclip.adapt.shifts import SHIFT_NAMES, Shift, get_shift
-from adaptclip.server.decode import IMAGE_SUFFIXES
-from adaptclip.server.models import HostedModel
-from adaptclip.server.tta import render_views
-
-
-@dataclass(frozen=True)
-class Dataset:
-    """Images of a folder with one subfolder per class; labels index `classes`."""
-
-    name: str
-    classes: tuple[str, ...]
-    paths: tuple[Path, ...]
-    labels: tuple[int, ...]
-
-
-def load_folder(root: str | Path, classes: Sequence[str] | None = None, limit_per_class: int | None = None,
-                seed: int = 0) -> Dataset:
-    """Class subfolders of `root` (sorted names, or `classes` in that label order). With
-    `limit_per_class`, a seeded random subset of each class, the same for every method and shift."""
-    root = Path(root)
-    folders = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
-    names = tuple(classes) if classes else tuple(folders)
-    if not names:
-        raise ValueError(f"no class subfolders under {root}")
-    missing = [c for c in names if c not in folders]
-    if missing:
-        raise ValueError(f"class folder(s) missing under {root}: {', '.join(missing[:5])}")
-    paths: list[Path] = []
-    labels: list[int] = []
-    for label, name in enumerate(names):
-        files = sorted(p for p in (root / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        if limit_per_class is not None and len(files) > limit_per_class:
-            files = sorted(random.Random(f"{seed}:{name}").sample(files, limit_per_class))
-        paths += files
-        labels += [label] * len(files)
-    if not paths:
-        raise ValueError(f"no images under {root}")
-    return Dataset(root.name, names, tuple(paths), tuple(labels))
+from adaptclip.adapt.views import render_views
 
 
 @dataclass(frozen=True)
@@ -99,143 +60,141 @@ class EvalPlan:
         if self.batch_images < 1:
             raise ValueError(f"batch_images must be >= 1, got {self.batch_images}")
 
+    def settings(self, base: AdaptSettings) -> list[AdaptSettings]:
+        """Every combination scored: NONE once, then each adapting method x chunk size x gate threshold."""
+        out = [base.replace(method="none", skip_entropy=0.0, view_chunk=0)] if "none" in self.methods else []
+        return out + [base.replace(method=m, view_chunk=c, skip_entropy=t) for m in self.methods if m != "none"
+                      for c in self.view_chunks for t in self.skip_entropies]
+
 
 @dataclass
-class _Outcome:
+class Scored:
+    """One image under one setting: ranked classes, views encoded, whether the gate skipped, method time."""
+
     top: list[int]
     views: int
+    skipped: bool
     method_ms: float
 
 
 @dataclass
-class _ImageRun:
+class ImageRun:
     label: int
-    entropy: float
     zero_shot: list[int]
     render_ms: float = 0.0
-    outcomes: dict[tuple[str, int], _Outcome] = field(default_factory=dict)
+    scored: dict[AdaptSettings, Scored] = field(default_factory=dict)
 
 
-@dataclass
-class _Timing:
-    encode_s: float = 0.0
-    views: int = 0
+class Precomputed:
+    """A ViewSource over one image's features encoded up front."""
+
+    def __init__(self, feats: Tensor, patches: Tensor | None) -> None:
+        self.feats, self.patches = feats, patches
+
+    async def original(self, with_patches: bool) -> tuple[Tensor, Tensor | None]:
+        return self.feats[0], self.patches if with_patches else None
+
+    async def first(self, n: int) -> Tensor:
+        return self.feats[:n]
+
+
+class Run:
+    """One evaluation: the model, classifier and plan; encodes a shift's images and scores each setting."""
+
+    def __init__(self, model: EncoderModel, data: Dataset, classifier: Tensor, base: AdaptSettings,
+                 plan: EvalPlan, progress: Callable[[str], None] | None = None) -> None:
+        self.model, self.data, self.classifier, self.base, self.plan = model, data, classifier, base, plan
+        self.progress = progress or (lambda msg: None)
+        self.settings = plan.settings(base)
+        self.need_views = any(s.method != "none" for s in self.settings) and base.views > 1
+        self.text = model.text.prompt_side(data.classes) if "tpt" in plan.methods and model.text else None
+        if "tpt" in plan.methods and self.text is None:
+            raise ValueError(f"TPT needs a text tower; model '{model.name}' has none")
+        self.encode_s, self.encoded = 0.0, 0
 
     @property
     def ms_per_view(self) -> float:
-        return 1000.0 * self.encode_s / max(1, self.views)
+        return 1000.0 * self.encode_s / max(1, self.encoded)
 
-
-def views_used(settings: AdaptSettings, view_logits: torch.Tensor) -> int:
-    """How many views the server encodes before its chunked early stop, given all V views' logits."""
-    for _, hi in view_chunks(settings):
-        if stops_after(settings, hi, view_logits[:hi]):
-            return hi
-    return settings.views
-
-
-def decode_shifted(path: Path, shift: Shift, seed: int) -> Image.Image:
-    """Decode as the server does, corrupt, and store as 8-bit RGB (as a corrupted file would be)."""
-    img = Image.open(path).convert("RGB")
-    if shift.name == "clean":
-        return img
-    out = shift(TF.to_tensor(img), seed)
-    return Image.fromarray((out * 255).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy())
-
-
-class _Run:
-    """One evaluation: the model, classifier and plan, and the per-image outcomes per shift."""
-
-    def __init__(self, hosted: HostedModel, data: Dataset, classifier: torch.Tensor, base: AdaptSettings,
-                 plan: EvalPlan, progress: Callable[[str], None] | None) -> None:
-        self.hosted, self.data, self.classifier, self.base, self.plan = hosted, data, classifier, base, plan
-        self.progress = progress or (lambda msg: None)
-        self.adapting = [m for m in plan.methods if m != "none"]
-        self.need_views = bool(self.adapting) and base.views > 1
-        self.text = TextSide(hosted.model, hosted.tokenizer, data.classes) if "tpt" in plan.methods else None
-        self.timing = _Timing()
-
-    def _encode(self, images: torch.Tensor, with_patches: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _encode(self, images: Tensor, with_patches: bool) -> tuple[Tensor, Tensor | None]:
         start = time.perf_counter()
-        feats, patches = self.hosted.encode_images(images, with_patches=with_patches)
-        self.timing.encode_s += time.perf_counter() - start
-        self.timing.views += images.shape[0]
+        feats, patches = self.model.encode_images(images, with_patches, self.model.keep_rate)
+        self.encode_s += time.perf_counter() - start
+        self.encoded += images.shape[0]
         return feats, patches
 
-    def shift(self, shift: Shift) -> list[_ImageRun]:
-        runs: list[_ImageRun] = []
+    def shift(self, shift: Shift) -> list[ImageRun]:
+        runs: list[ImageRun] = []
         n, step, started = len(self.data.paths), self.plan.batch_images, time.perf_counter()
         for lo in range(0, n, step):
             index = range(lo, min(n, lo + step))
             pils = [decode_shifted(self.data.paths[i], shift, self.base.seed + i) for i in index]
-            view0 = torch.stack([self.hosted.preprocess(p) for p in pils])
+            view0 = torch.stack([self.model.preprocess(p) for p in pils])
             feats0, patches = self._encode(view0, with_patches="gs_bias" in self.plan.methods)
             extra, render_ms = None, [0.0] * len(pils)
             if self.need_views:
                 rendered = []
                 for j, (i, pil) in enumerate(zip(index, pils)):
                     start = time.perf_counter()
-                    rendered.append(render_views(self.hosted, pil, view0[j], self.base.replace(seed=self.base.seed + i))[1:])
+                    rendered.append(render_views(self.model, pil, view0[j], self.base.replace(seed=self.base.seed + i))[1:])
                     render_ms[j] = 1000.0 * (time.perf_counter() - start)
                 extra, _ = self._encode(torch.cat(rendered), with_patches=False)
             per = self.base.views - 1
             for j, i in enumerate(index):
                 feats = feats0[j:j + 1] if extra is None else torch.cat([feats0[j:j + 1], extra[j * per:(j + 1) * per]])
-                runs.append(self._image(i, feats, None if patches is None else patches[j], render_ms[j]))
+                source = Precomputed(feats, None if patches is None else patches[j])
+                runs.append(asyncio.run(self._image(i, source, render_ms[j])))
             self.progress(f"{shift.name}: {len(runs)}/{n} images, {time.perf_counter() - started:.0f} s")
         return runs
 
-    def _image(self, index: int, feats: torch.Tensor, patches: torch.Tensor | None, render_ms: float) -> _ImageRun:
-        """Zero-shot and every (method, chunk) outcome of one image from its encoded views."""
-        scale = self.hosted.logit_scale
-        view_logits = scale * F.normalize(feats, dim=-1) @ self.classifier.T
-        run = _ImageRun(self.data.labels[index], normalized_entropy(view_logits[0]), ranked_classes(view_logits[0]),
-                        render_ms)
-        by_views: dict[tuple[str, int], _Outcome] = {}  # chunk sizes that stop at the same view count agree
-        for method in self.adapting:
-            for chunk in self.plan.view_chunks:
-                s = self.base.replace(method=method, view_chunk=chunk)
-                n = views_used(s, view_logits)
-                if (method, n) not in by_views:
-                    start = time.perf_counter()
-                    res = adapt_views(s, feats[:n], patches, self.classifier, scale, self.text)
-                    ms = 1000.0 * (time.perf_counter() - start)
-                    top = ranked_classes(res.probs, tie_break=res.logits) if method == "zero" else \
-                        ranked_classes(res.logits)
-                    by_views[(method, n)] = _Outcome(top, n, ms)
-                run.outcomes[(method, chunk)] = by_views[(method, n)]
+    async def _image(self, index: int, source: Precomputed, render_ms: float) -> ImageRun:
+        """Every setting of the plan on one image, through the served loop; a method's run is shared by
+        the settings that give it the same views."""
+        memo: dict[tuple[str, int], tuple[MethodResult, float]] = {}
+
+        async def run_method(s: AdaptSettings, feats: Tensor, patches: Tensor | None) -> MethodResult:
+            key = (s.method, feats.shape[0])
+            if key not in memo:
+                start = time.perf_counter()
+                res = adapt_views(s, feats, patches, self.classifier, self.model.logit_scale, self.text)
+                memo[key] = (res, 1000.0 * (time.perf_counter() - start))
+            return memo[key][0]
+
+        run: ImageRun | None = None
+        for s in self.settings:
+            out = await adapt_image(source, s, self.classifier, self.model.logit_scale, self.model.logit_bias,
+                                    run_method)
+            if run is None:
+                run = ImageRun(self.data.labels[index], ranked_classes(out.zero_shot), render_ms)
+            if out.result is None:
+                run.scored[s] = Scored(run.zero_shot, 1, out.report.skipped, 0.0)
+                continue
+            res = out.result
+            top = ranked_classes(res.probs, tie_break=res.logits) if s.method == "zero" else ranked_classes(res.logits)
+            run.scored[s] = Scored(top, out.report.views_encoded, False, memo[(s.method, out.report.views_encoded)][1])
         return run
 
 
-def _record(run: _Run, shift: Shift, s: AdaptSettings, images: list[_ImageRun], meta: dict[str, Any]) -> dict[str, Any]:
+def _record(run: Run, shift: Shift, s: AdaptSettings, images: list[ImageRun], meta: dict[str, Any]) -> dict[str, Any]:
     """One clip_benchmark-shaped result: metrics, settings and mean per-image cost."""
-    tops, views, method_ms, render_ms, skipped = [], [], [], [], 0
-    for img in images:
-        if s.method == "none" or skips_views(s, img.entropy):
-            tops.append(img.zero_shot)
-            views.append(1)
-            skipped += s.method != "none"
-            continue
-        out = img.outcomes[(s.method, s.view_chunk)]
-        tops.append(out.top)
-        views.append(out.views)
-        method_ms.append(out.method_ms)
-        render_ms.append(img.render_ms)
+    scored = [img.scored[s] for img in images]
+    adapted = [(img, sc) for img, sc in zip(images, scored) if s.method != "none" and not sc.skipped]
     n = len(images)
-    per_view = run.timing.ms_per_view
-    cost = {"views_encoded": sum(views) / n, "skipped_fraction": skipped / n, "encoder_ms_per_view": per_view,
-            "render_ms": sum(render_ms) / n, "method_ms": sum(method_ms) / n}
+    per_view = run.ms_per_view
+    cost = {"views_encoded": sum(sc.views for sc in scored) / n,
+            "skipped_fraction": sum(sc.skipped for sc in scored) / n, "encoder_ms_per_view": per_view,
+            "render_ms": sum(img.render_ms for img, _ in adapted) / n,
+            "method_ms": sum(sc.method_ms for _, sc in adapted) / n}
     cost["per_image_ms"] = per_view * cost["views_encoded"] + cost["render_ms"] + cost["method_ms"]
-    metrics = classification_metrics(tops, [img.label for img in images], len(run.data.classes))
+    metrics = classification_metrics([sc.top for sc in scored], [img.label for img in images], len(run.data.classes))
     adaptation = dataclasses.asdict(s)
     adaptation["selection_ratio"] = s.ratio
     return {**meta, "metrics": metrics, "method": s.method, "shift": shift.name,
-            "shift_parameter": shift.parameter, "adaptation": adaptation,
-            "cost": cost, "images": n}
+            "shift_parameter": shift.parameter, "adaptation": adaptation, "cost": cost, "images": n}
 
 
-def evaluate(hosted: HostedModel, data: Dataset, classifier: torch.Tensor, base: AdaptSettings, plan: EvalPlan, *,
-             model: str, pretrained: str, extra: dict[str, Any] | None = None,
+def evaluate(model: EncoderModel, data: Dataset, classifier: Tensor, base: AdaptSettings, plan: EvalPlan, *,
+             model_name: str, pretrained: str, extra: dict[str, Any] | None = None,
              progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
     """Score every (shift, method, gate threshold, chunk size) of `plan` on `data`.
 
@@ -245,17 +204,8 @@ def evaluate(hosted: HostedModel, data: Dataset, classifier: torch.Tensor, base:
     NONE gets one per shift.
     """
     base = base.validate()
-    run = _Run(hosted, data, classifier, base, plan, progress)
-    meta = {"dataset": data.name, "model": model, "pretrained": pretrained, "task": "zeroshot_classification",
+    run = Run(model, data, classifier, base, plan, progress)
+    meta = {"dataset": data.name, "model": model_name, "pretrained": pretrained, "task": "zeroshot_classification",
             "language": "en", **(extra or {})}
     per_shift = [(shift, run.shift(shift)) for shift in plan.shifts]
-    records = []
-    for shift, images in per_shift:
-        if "none" in plan.methods:
-            records.append(_record(run, shift, base.replace(method="none", skip_entropy=0.0, view_chunk=0), images, meta))
-        for method in run.adapting:
-            for chunk in plan.view_chunks:
-                for threshold in plan.skip_entropies:
-                    s = base.replace(method=method, view_chunk=chunk, skip_entropy=threshold)
-                    records.append(_record(run, shift, s, images, meta))
-    return records
+    return [_record(run, shift, s, images, meta) for shift, images in per_shift for s in run.settings]

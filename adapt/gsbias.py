@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from adaptclip.adapt.selection import confident_views, marginal_entropy_and_grad
+
 # The official loop stops once the global loss moved more than 25 % from its first value.
 _EARLY_STOP_FRACTION = 0.25
 
@@ -43,27 +45,6 @@ class GSBiasResult:
     global_bias: Tensor
     spatial_bias: Tensor
     steps_run: Tensor
-
-
-def marginal_entropy_and_grad(logits: Tensor) -> tuple[Tensor, Tensor]:
-    """Marginal entropy of the rows of `logits` [..., N, C] and its gradient w.r.t. a bias [..., C]
-    added to every row, without autograd.
-
-    H = -sum_c p̄_c log p̄_c with p̄ the mean of the row softmaxes (log-sum-exp form, with the same
-    finfo.min clamp as the official `avg_entropy`), and
-    dH/db_j = mean_v p_vj * (sum_c p_vc log p̄_c - log p̄_j).
-    Returns (H [...], grad [..., C]).
-    """
-    if logits.ndim < 2 or logits.shape[-2] == 0 or logits.shape[-1] == 0:
-        raise ValueError(f"logits must be [..., N, C] with N, C >= 1, got {tuple(logits.shape)}")
-    log_p = torch.log_softmax(logits, dim=-1)
-    p = log_p.exp()
-    log_p_bar = torch.logsumexp(log_p, dim=-2) - math.log(logits.shape[-2])
-    log_p_bar = log_p_bar.clamp(min=torch.finfo(log_p_bar.dtype).min)
-    entropy = -(log_p_bar.exp() * log_p_bar).sum(dim=-1)
-    cross = (p * log_p_bar.unsqueeze(-2)).sum(dim=-1, keepdim=True)  # sum_c p_vc log p̄_c
-    grad = (p * (cross - log_p_bar.unsqueeze(-2))).mean(dim=-2)
-    return entropy, grad
 
 
 def _check_finite(name: str, value: float) -> float:
@@ -111,11 +92,6 @@ def _validate(view_feats: Tensor, patch_feats: Tensor | None, text_classifier: T
         raise ValueError(f"momentum must be in [0, 1], got {momentum!r}")
 
 
-def _kept_views(n_views: int, selection_ratio: float) -> int:
-    """Official `int(V * ratio)`, clamped to at least one view (the official code breaks at 0)."""
-    return max(1, int(n_views * selection_ratio))
-
-
 @torch.no_grad()
 def gs_bias(view_feats: Tensor, patch_feats: Tensor | None, text_classifier: Tensor, *,
             logit_scale: float = 100.0, selection_ratio: float = 0.1, steps: int = 1,
@@ -141,11 +117,10 @@ def gs_bias(view_feats: Tensor, patch_feats: Tensor | None, text_classifier: Ten
     device = view_feats.device
     feats = (view_feats if batched else view_feats.unsqueeze(0)).to(dtype)
     weights = text_classifier.to(device=device, dtype=dtype)
-    n_batch, n_views = feats.shape[:2]
+    n_batch = feats.shape[0]
     n_classes = weights.shape[0]
 
     view_logits = logit_scale * feats @ weights.T  # [B, V, C]
-    k_views = _kept_views(n_views, selection_ratio)
     patch_logits = None
     if patch_feats is not None:
         patches = (patch_feats if batched else patch_feats.unsqueeze(0)).to(device=device, dtype=dtype)
@@ -167,8 +142,7 @@ def gs_bias(view_feats: Tensor, patch_feats: Tensor | None, text_classifier: Ten
         cur_s = momentum * bias_s + (1 - momentum) * hist_s
 
         logits = view_logits + cur_g.unsqueeze(1)
-        row_entropy = -(torch.softmax(logits, -1) * torch.log_softmax(logits, -1)).sum(-1)
-        keep = torch.argsort(row_entropy, dim=-1, stable=True)[:, :k_views]
+        keep = confident_views(logits, selection_ratio)
         kept = torch.gather(logits, 1, keep.unsqueeze(-1).expand(-1, -1, n_classes))
         loss_g, grad_g = marginal_entropy_and_grad(kept)
 

@@ -1,19 +1,18 @@
-"""One entry point for every adaptation method over already-encoded views.
+"""One entry point for every adaptation method over already-encoded views (`adapt_views`).
 
-The server and the benchmarks both call `adapt_views`, so what is measured is what is served.
+The adaptive loop (adapt/loop.py) calls it for the server and the accuracy harness alike.
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from adaptclip.adapt.gsbias import gs_bias
 from adaptclip.adapt.peers import CLASS_CHUNK, tpt_logits, zero_logits
+from adaptclip.adapt.selection import confident_views
 from adaptclip.adapt.settings import AdaptSettings
 
 
@@ -38,52 +37,6 @@ class TextSide:
     class_chunk: int | None = CLASS_CHUNK
 
 
-def normalized_entropy(logits: Tensor) -> float:
-    """Entropy of softmax(logits) divided by log(C): 0 = certain, 1 = uniform."""
-    if logits.shape[-1] < 2:
-        return 0.0
-    logp = torch.log_softmax(logits.float(), -1)
-    return float(-(logp.exp() * logp).sum(-1) / math.log(logits.shape[-1]))
-
-
-def kept_views(view_logits: Tensor, ratio: float) -> Tensor:
-    """Indices of the max(1, int(V * ratio)) lowest-entropy views (stable order)."""
-    logp = torch.log_softmax(view_logits, -1)
-    entropy = -(logp.exp() * logp).sum(-1)
-    k = max(1, int(view_logits.shape[0] * ratio))
-    return torch.argsort(entropy, stable=True)[:k]
-
-
-MIN_AGREEING = 2
-
-
-def views_agree(view_logits: Tensor, ratio: float) -> bool:
-    """True when at least MIN_AGREEING confidence-selected views all predict the same class (early exit
-    for chunks). A selection of one view would "agree" with itself and stop after every first chunk."""
-    kept = kept_views(view_logits, ratio)
-    if kept.numel() < MIN_AGREEING:
-        return False
-    top = view_logits[kept].argmax(-1)
-    return bool((top == top[0]).all())
-
-
-def skips_views(settings: AdaptSettings, entropy: float) -> bool:
-    """The confidence gate: an adapting method answers zero-shot, without views, below skip_entropy."""
-    return settings.method != "none" and entropy < settings.skip_entropy
-
-
-def view_chunks(settings: AdaptSettings) -> list[tuple[int, int]]:
-    """[lo, hi) ranges of the augmented views (1..V-1) encoded in turn; one range unless view_chunk."""
-    chunk = settings.view_chunk or max(1, settings.views - 1)
-    return [(lo, min(lo + chunk, settings.views)) for lo in range(1, settings.views, chunk)]
-
-
-def stops_after(settings: AdaptSettings, hi: int, view_logits: Tensor) -> bool:
-    """After encoding views [0, hi) (their logits given): stop early, before the last chunk, once the
-    selected views agree. Never stops without view_chunk."""
-    return bool(settings.view_chunk) and hi < settings.views and views_agree(view_logits, settings.ratio)
-
-
 def adapt_views(settings: AdaptSettings, view_feats: Tensor, patch_feats: Tensor | None, classifier: Tensor,
                 logit_scale: float, text: TextSide | None = None) -> MethodResult:
     """Adapted prediction for one image from its V view features ([V, D], view 0 the original).
@@ -102,7 +55,7 @@ def adapt_views(settings: AdaptSettings, view_feats: Tensor, patch_feats: Tensor
                             res.global_bias, res.spatial_bias)
     if settings.method == "zero":
         votes = zero_logits(view_logits, settings.ratio)
-        mean_kept = view_logits[kept_views(view_logits, settings.ratio)].mean(0)
+        mean_kept = view_logits[confident_views(view_logits, settings.ratio)].mean(0)
         return MethodResult(mean_kept, votes, 0, False)
     if settings.method == "tpt":
         if text is None:

@@ -13,19 +13,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from adaptclip.adapt.selection import confident_order, confident_views, kept_count, marginal_entropy
+
 
 def _check_ratio(selection_ratio: float) -> None:
     if not (isinstance(selection_ratio, (int, float)) and not isinstance(selection_ratio, bool)
             and 0.0 < selection_ratio <= 1.0):
         raise ValueError(f"selection_ratio must be in (0, 1], got {selection_ratio!r}")
-
-
-def _confident_views(view_logits: Tensor, selection_ratio: float) -> tuple[Tensor, int]:
-    """Views sorted by increasing softmax entropy ([..., V]) and how many to keep:
-    the official `int(V * ratio)`, clamped to at least 1 (the official code breaks at 0)."""
-    entropy = -(torch.softmax(view_logits, -1) * torch.log_softmax(view_logits, -1)).sum(-1)
-    order = torch.argsort(entropy, dim=-1, stable=True)
-    return order, max(1, int(view_logits.shape[-2] * selection_ratio))
 
 
 @torch.no_grad()
@@ -50,7 +44,7 @@ def zero_logits(view_logits: Tensor, selection_ratio: float = 0.3) -> Tensor:
         raise ValueError(f"view_logits must be [V, C] or [B, V, C], got {tuple(view_logits.shape)}")
     _check_ratio(selection_ratio)
     logits = view_logits if view_logits.ndim == 3 else view_logits.unsqueeze(0)
-    order, k = _confident_views(logits, selection_ratio)
+    order, k = confident_order(logits), kept_count(logits.shape[-2], selection_ratio)
     preds = torch.gather(logits.argmax(dim=-1), 1, order)  # [B, V] argmax per view, most confident first
     votes = F.one_hot(preds[:, :k], logits.shape[-1]).sum(dim=1).to(logits.dtype)  # [B, C]
     tied = votes == votes.amax(dim=-1, keepdim=True)
@@ -180,9 +174,8 @@ def tpt_logits(model: nn.Module, tokenizer: Callable[[Sequence[str]], Tensor],
             weights = class_embeddings() if len(chunks) == 1 else all_class_embeddings().requires_grad_()
             logits = logit_scale * feats.to(ctx.dtype) @ weights.T
             if selected is None:
-                order, k = _confident_views(logits.detach(), selection_ratio)
-                selected = order[:k]
-            loss = _marginal_entropy(logits[selected])
+                selected = confident_views(logits.detach(), selection_ratio)
+            loss = marginal_entropy(logits[selected])
             if len(chunks) == 1:
                 (ctx.grad,) = torch.autograd.grad(loss, [ctx])
             else:
@@ -191,12 +184,3 @@ def tpt_logits(model: nn.Module, tokenizer: Callable[[Sequence[str]], Tensor],
                                for part in chunks)
             optimizer.step()
         return logit_scale * feats[0].to(ctx.dtype) @ all_class_embeddings().T
-
-
-def _marginal_entropy(logits: Tensor) -> Tensor:
-    """Differentiable marginal entropy (official `avg_entropy`); TPT needs autograd through the
-    text tower, unlike GS-Bias which uses the closed form `marginal_entropy_and_grad`."""
-    log_p = torch.log_softmax(logits, dim=-1)
-    log_p_bar = torch.logsumexp(log_p, dim=0) - math.log(logits.shape[0])
-    log_p_bar = log_p_bar.clamp(min=torch.finfo(log_p_bar.dtype).min)
-    return -(log_p_bar.exp() * log_p_bar).sum()

@@ -13,6 +13,27 @@ MAX_VIEWS = 1024
 MAX_STEPS = 100
 
 
+class FieldError(ValueError):
+    """A value a caller set is invalid: which field (dotted path, e.g. `adaptation.views`) and why.
+
+    Compute code raises it; the service turns it into INVALID_ARGUMENT with the field first.
+    """
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"{field}: {reason}")
+        self.field = field
+        self.reason = reason
+
+
+def validate_keep_rate(value: object, field: str = "keep_rate") -> float:
+    """Token compression's keep rate per reduction stage as a float in (0, 1]; FieldError otherwise (NaN too)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise FieldError(field, f"must be a finite number in (0, 1], got {value!r}")
+    if not 0.0 < value <= 1.0:
+        raise FieldError(field, f"must be in (0, 1], got {value!r}")
+    return float(value)
+
+
 @dataclass(frozen=True)
 class AdaptSettings:
     method: str = "none"
@@ -37,9 +58,9 @@ class AdaptSettings:
         return dataclasses.replace(self, **changes)
 
     def validate(self, prefix: str = "adaptation") -> AdaptSettings:
-        """Raise ValueError('<prefix>.<field>: ...') for the first bad field; return self."""
-        def bad(name: str, why: str) -> ValueError:
-            return ValueError(f"{prefix}.{name}: {why}")
+        """Raise FieldError('<prefix>.<field>', why) for the first bad field; return self."""
+        def bad(name: str, why: str) -> FieldError:
+            return FieldError(f"{prefix}.{name}", why)
 
         def finite(name: str, value: float) -> float:
             if not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -80,7 +101,7 @@ def settings_from_dict(data: dict[str, Any], base: AdaptSettings | None = None) 
     names = {f.name for f in dataclasses.fields(AdaptSettings)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ValueError(f"unknown adaptation setting(s): {', '.join(unknown)}")
+        raise FieldError("adaptation", f"unknown setting(s): {', '.join(unknown)}")
     if "crop_scale" in data:
         data = dict(data, crop_scale=tuple(float(x) for x in data["crop_scale"]))
     return base.replace(**data).validate("adaptation")

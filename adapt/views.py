@@ -24,16 +24,26 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import kornia.enhance as KE
 import kornia.geometry.transform as KT
 import torch
 import torch.nn.functional as F
+import torchvision.transforms.functional as TF
+from PIL import Image
 from torch import Tensor
+
+from adaptclip.adapt.settings import AdaptSettings
+
+if TYPE_CHECKING:
+    from adaptclip.adapt.encoder import EncoderModel
 
 _CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)  # torchvision RandomResizedCrop default
 _CROP_ATTEMPTS = 10  # torchvision tries 10 random boxes before its centre-crop fallback
 _INTERPOLATIONS = ("bilinear", "bicubic")
+MAX_VIEW_SIDE = 4  # huge photos are shrunk to 4x the input size (short side) before cropping views
 
 
 @dataclass(frozen=True)
@@ -180,6 +190,25 @@ class ViewGenerator:
             mix += p.mix_weights[:, chain].to(device).view(-1, 1, 1, 1) * x
         blend = p.blend.to(device).view(-1, 1, 1, 1)
         return blend * crops + (1 - blend) * mix
+
+
+@lru_cache(maxsize=64)
+def _generator(image_size: int, mean: tuple[float, ...], std: tuple[float, ...], crop_scale: tuple[float, float],
+               augmix: bool) -> ViewGenerator:
+    return ViewGenerator(image_size, mean, std, crop_scale=crop_scale, augmix=augmix)
+
+
+def render_views(model: EncoderModel, img: Image.Image, view0: Tensor, s: AdaptSettings) -> Tensor:
+    """[V, 3, S, S] views of a decoded image for `model`: view 0 its own preprocessing (given), the rest
+    augmented with the settings' crops and AugMix, seeded by `s.seed`; rendered on the model's device,
+    returned on the CPU (encoder batches are assembled there)."""
+    size = model.image_size
+    short = min(img.size)
+    if short > MAX_VIEW_SIDE * size:
+        factor = MAX_VIEW_SIDE * size / short
+        img = img.resize((round(img.width * factor), round(img.height * factor)), Image.BICUBIC)
+    gen = _generator(size, model.mean, model.std, s.crop_scale, s.augmix)
+    return gen([TF.to_tensor(img)], view0.unsqueeze(0).to(model.device), s.views, seed=s.seed)[0].cpu()
 
 
 def _crop_boxes(g: torch.Generator, n: int, height: int, width: int,

@@ -39,11 +39,12 @@ def run_configs(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Evaluate every config on the same images; the JSON is rewritten after each config."""
     import torch
 
-    from adaptclip.adapt.evaluate import EvalPlan, evaluate, load_folder
+    from adaptclip.adapt.data import load_folder
+    from adaptclip.adapt.evaluate import EvalPlan, evaluate
     from adaptclip.adapt.settings import AdaptSettings
     from adaptclip.adapt.shifts import get_shift
-    from adaptclip.server.config import ModelSpec
-    from adaptclip.server.models import load_model
+    from adaptclip.compression.models import ModelSpec
+    from adaptclip.compression.models import load_model
 
     torch.set_num_threads(args.threads)
     model_dir = Path(args.model_dir)
@@ -52,7 +53,7 @@ def run_configs(args: argparse.Namespace) -> list[dict[str, Any]]:
     classes = [line.strip() for line in (model_dir / "classes.txt").read_text().splitlines() if line.strip()]
     templates = [line.strip() for line in (model_dir / "templates.txt").read_text().splitlines() if line.strip()]
     hosted = load_model(ModelSpec(model=str(config), pretrained=str(weights), device="cpu"))
-    classifier = hosted.build_classifier(tuple(classes), tuple(templates))
+    classifier = hosted.classifier(tuple(classes), tuple(templates))
     data = load_folder(args.data, classes, args.limit_per_class, seed=args.seed)
     plan = EvalPlan(methods=tuple(args.methods), shifts=tuple(get_shift(s) for s in args.shifts),
                     skip_entropies=tuple(args.skip_entropy), view_chunks=tuple(args.view_chunk))
@@ -62,7 +63,7 @@ def run_configs(args: argparse.Namespace) -> list[dict[str, Any]]:
         extra = {"config": name, "data_dir": str(args.data), "limit_per_class": args.limit_per_class,
                  "machine": args.machine, "threads": args.threads, "command": " ".join(sys.argv)}
         start = time.perf_counter()
-        records += evaluate(hosted, data, classifier, base, plan, model=config.stem, pretrained=weights.name,
+        records += evaluate(hosted, data, classifier, base, plan, model_name=config.stem, pretrained=weights.name,
                             extra=extra, progress=lambda msg: print(f"[{name}] {msg}", file=sys.stderr, flush=True))
         print(f"[{name}] done in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

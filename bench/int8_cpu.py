@@ -27,8 +27,8 @@ from onnxruntime.quantization import QuantType, quantize_dynamic
 from adaptclip.client.client import load_lines
 from adaptclip.compression.export import QuantConfig, agreement, export_image_tower, quantize, run_onnx, session
 from adaptclip.compression.spdfq import gaussian_images, real_images
-from adaptclip.server.config import ModelSpec
-from adaptclip.server.models import load_model
+from adaptclip.compression.models import ModelSpec
+from adaptclip.compression.models import load_model
 from quantize import SHARED, interleaved, load_test_set, onnx_runner, run_info, top1, write_results
 
 SPEED_VARIANTS = {  # name -> QuantConfig overrides (W8A8 static QDQ, gaussian calibration)
@@ -44,12 +44,12 @@ def accuracy(args: argparse.Namespace, work: Path) -> list[dict]:
     hosted = load_model(ModelSpec(model=str(model_dir / "cifar-vit-w192-l6-rrc.json"),
                                   pretrained=str(model_dir / "cifar-vit-w192-l6-rrc.pt"), device="cpu"))
     classes, templates = load_lines(model_dir / "classes.txt"), load_lines(model_dir / "templates.txt")
-    classifier = hosted.build_classifier(tuple(classes), tuple(templates)).numpy()
+    classifier = hosted.classifier(tuple(classes), tuple(templates)).numpy()
     x, y = load_test_set(hosted, Path(args.test_dir), classes, args.n_test)
     with torch.inference_mode():
-        ref = torch.cat([hosted.model.encode_image(x[i:i + 256]) for i in range(0, len(x), 256)]).numpy()
+        ref = torch.cat([hosted.module.encode_image(x[i:i + 256]) for i in range(0, len(x), 256)]).numpy()
     rows = [{"model": "fp32 torch", "top1": top1(ref, classifier, y), "cosine": 1.0}]
-    fp32 = export_image_tower(hosted.model, work / "cifar-fp32.onnx", hosted.image_size)
+    fp32 = export_image_tower(hosted.module, work / "cifar-fp32.onnx", hosted.image_size)
     calib = {"gaussian": gaussian_images(args.n_calib, hosted.image_size),
              "real": real_images(args.train_dir, hosted.preprocess, args.n_calib)}
     for source, images in calib.items():
@@ -85,7 +85,7 @@ def speed(args: argparse.Namespace, work: Path) -> dict:
     torch.set_num_threads(args.threads)
     hosted = load_model(ModelSpec(model="ViT-B-32", random_init=True, device="cpu"))
     size = hosted.image_size
-    fp32 = export_image_tower(hosted.model, work / "b32-fp32.onnx", size)
+    fp32 = export_image_tower(hosted.module, work / "b32-fp32.onnx", size)
     calib = gaussian_images(8, size).numpy()
     paths = {name: quantize(fp32, work / f"b32-{i}.onnx", calib, QuantConfig(bits="w8a8", **kw))
              for i, (name, kw) in enumerate(SPEED_VARIANTS.items())}
@@ -93,7 +93,7 @@ def speed(args: argparse.Namespace, work: Path) -> dict:
     quantize_dynamic(str(fp32), str(dynamic), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])
     paths["dynamic int8 MatMul/Gemm (no calibration)"] = dynamic
     batch = torch.randn(args.batch, 3, size, size, generator=torch.Generator().manual_seed(0))
-    runners = {"fp32 torch": lambda: hosted.model.encode_image(batch),
+    runners = {"fp32 torch": lambda: hosted.module.encode_image(batch),
                "fp32 ONNX": onnx_runner(session(fp32, threads=args.threads), batch.numpy())}
     runners.update({name: onnx_runner(session(p, threads=args.threads), batch.numpy()) for name, p in paths.items()})
     timed = interleaved(runners, len(batch), args.rounds)

@@ -37,13 +37,13 @@ from adaptclip.client.client import load_lines
 from adaptclip.compression.export import (SIMULATED_ONLY, QuantConfig, agreement, export_image_tower, quantize,
                                           quantize_weight_only_int4, run_onnx, session, torch_embeddings)
 from adaptclip.compression.spdfq import SynthesisConfig, gaussian_images, real_images, synthesize
-from adaptclip.server.config import ModelSpec
-from adaptclip.server.models import HostedModel, load_model
+from adaptclip.compression.models import ModelSpec
+from adaptclip.compression.models import TorchModel, load_model
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "models" / "cifar-clip"
 
 
-def load_test_set(hosted: HostedModel, root: Path, classes: list[str], n: int) -> tuple[torch.Tensor, np.ndarray]:
+def load_test_set(hosted: TorchModel, root: Path, classes: list[str], n: int) -> tuple[torch.Tensor, np.ndarray]:
     """The first n/C images (sorted by name) of each class folder: a stratified, reproducible subsample."""
     per = max(1, n // len(classes))
     xs, ys = [], []
@@ -64,12 +64,12 @@ def accuracy(args: argparse.Namespace, work: Path) -> dict:
     hosted = load_model(ModelSpec(model=str(model_dir / "cifar-vit-w192-l6-rrc.json"),
                                   pretrained=str(model_dir / "cifar-vit-w192-l6-rrc.pt"), device="cpu"))
     classes, templates = load_lines(model_dir / "classes.txt"), load_lines(model_dir / "templates.txt")
-    classifier_t = hosted.build_classifier(tuple(classes), tuple(templates))
+    classifier_t = hosted.classifier(tuple(classes), tuple(templates))
     classifier = classifier_t.numpy()
     x, y = load_test_set(hosted, Path(args.test_dir), classes, args.n_test)
     print(f"test images: {len(x)} ({len(x) // len(classes)} per class)", flush=True)
-    ref = torch_embeddings(hosted.model, x)
-    fp32 = export_image_tower(hosted.model, work / "fp32.onnx", hosted.image_size)
+    ref = torch_embeddings(hosted.module, x)
+    fp32 = export_image_tower(hosted.module, work / "fp32.onnx", hosted.image_size)
     onnx_fp32 = run_onnx(session(fp32, threads=args.threads), x.numpy())
     rows: list[dict] = [
         {"model": "fp32 torch", "calib": "-", "top1": top1(ref, classifier, y), "cosine": 1.0, "agree": 1.0,
@@ -78,7 +78,7 @@ def accuracy(args: argparse.Namespace, work: Path) -> dict:
          **_vs(ref, onnx_fp32, classifier), "bytes": fp32.stat().st_size}]
     started = time.perf_counter()
     synth = SynthesisConfig(n=args.n_calib, iters=args.iters, seed=args.seed, progress=not args.quiet)
-    calib = {"spdfq": synthesize(hosted.model, classifier_t, hosted.logit_scale, hosted.mean, hosted.std,
+    calib = {"spdfq": synthesize(hosted.module, classifier_t, hosted.logit_scale, hosted.mean, hosted.std,
                                  hosted.image_size, synth)}
     spdfq_s = time.perf_counter() - started
     calib["gaussian"] = gaussian_images(args.n_calib, hosted.image_size, args.seed)
@@ -139,10 +139,10 @@ def speed(args: argparse.Namespace, work: Path) -> dict:
     torch.set_num_threads(args.threads)
     hosted = load_model(ModelSpec(model=args.speed_model, random_init=True, device="cpu"))
     size = hosted.image_size
-    fp32 = export_image_tower(hosted.model, work / "speed-fp32.onnx", size)
+    fp32 = export_image_tower(hosted.module, work / "speed-fp32.onnx", size)
     int8 = quantize(fp32, work / "speed-w8a8.onnx", gaussian_images(8, size).numpy(), QuantConfig(bits="w8a8"))
     batch = torch.randn(args.speed_batch, 3, size, size, generator=torch.Generator().manual_seed(0))
-    runners = {"fp32_torch": lambda: hosted.model.encode_image(batch)}
+    runners = {"fp32_torch": lambda: hosted.module.encode_image(batch)}
     for name, path in (("fp32_onnx", fp32), ("w8a8_onnx", int8)):
         runners[name] = onnx_runner(session(path, threads=args.threads), batch.numpy())
     results = {"model": args.speed_model, "image_size": size, "batch": args.speed_batch, "threads": args.threads,

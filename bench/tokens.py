@@ -153,20 +153,20 @@ def run_accuracy(args: argparse.Namespace) -> dict:
     from adaptclip.adapt.settings import AdaptSettings
     from adaptclip.adapt.views import ViewGenerator
     from adaptclip.compression.tokens import TokenCompressor
-    from adaptclip.server.config import ModelSpec
-    from adaptclip.server.models import load_model
+    from adaptclip.compression.models import ModelSpec
+    from adaptclip.compression.models import load_model
 
     model_dir = Path(args.cifar_model)
     config = next(model_dir.glob("*.json"))
     hosted = load_model(ModelSpec(model=str(config), pretrained=str(config.with_suffix(".pt")), device="cpu"))
     classes = [c for c in (model_dir / "classes.txt").read_text().splitlines() if c]
     templates = [t for t in (model_dir / "templates.txt").read_text().splitlines() if t]
-    classifier = hosted.build_classifier(tuple(classes), tuple(templates))
+    classifier = hosted.classifier(tuple(classes), tuple(templates))
     scale = hosted.logit_scale
     settings = AdaptSettings(method="gs_bias", views=args.views, crop_scale=(0.35, 1.0), augmix=False).validate()
     generator = ViewGenerator(hosted.image_size, hosted.mean, hosted.std, crop_scale=settings.crop_scale,
                               augmix=settings.augmix)
-    compressors = {f: TokenCompressor(hosted.model, fuse=f, **compressor_options(args)) for f in args.fuse}
+    compressors = {f: TokenCompressor(hosted.module, fuse=f, **compressor_options(args)) for f in args.fuse}
     cfgs = configs(args.rates, args.fuse)
     gs_cfgs = [c for c in cfgs if c[0] == 1.0 or c[1] == args.gs_fuse] if args.gs_per_class else []
     zs_items = load_subset(Path(args.data), classes, args.per_class)

@@ -36,7 +36,7 @@ def worker(args: argparse.Namespace) -> None:
     import torch
     import torch.nn.functional as F
 
-    from adaptclip.adapt.features import image_features
+    from adaptclip.compression.models import image_features
     from adaptclip.adapt.methods import TextSide, adapt_views
     from adaptclip.adapt.settings import AdaptSettings
     from adaptclip.adapt.views import ViewGenerator

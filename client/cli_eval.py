@@ -11,6 +11,8 @@ import json
 import sys
 from pathlib import Path
 
+from adaptclip.client import flags
+
 
 def _floats(text: str) -> list[float]:
     return [float(x) for x in text.split(",") if x.strip()]
@@ -27,17 +29,10 @@ def _names(text: str) -> list[str]:
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("eval", help="accuracy of zero-shot and TTA on a class-folder data set, under shifts")
     p.add_argument("data_dir", metavar="DATA_DIR", help="one subfolder of images per class")
-    m = p.add_argument_group("model")
-    m.add_argument("--config", help="server YAML: its first model (and its adaptation defaults) is evaluated")
-    m.add_argument("--model", help="open_clip model name, or a JSON model config file")
-    m.add_argument("--pretrained", help="open_clip pretrained tag or a local checkpoint path")
-    m.add_argument("--device", default=None, help="auto, cpu, cuda, ...")
-    m.add_argument("--precision", choices=["fp32", "fp16", "bf16"])
-    m.add_argument("--random-init", action="store_true", help="random weights (smoke tests only)")
+    p.add_argument("--config", help="server YAML: its first model (and its adaptation defaults) is evaluated")
+    flags.add_model_flags(p)
+    flags.add_label_flags(p, required=False, what="class folder names in label order (default: sorted folder names)")
     d = p.add_argument_group("data")
-    d.add_argument("--labels-file", "--classes", dest="classes_file",
-                   help="class folder names in label order, one per line (default: sorted folder names)")
-    d.add_argument("--templates-file", help="prompt templates with {} (default: open_clip SIMPLE_IMAGENET_TEMPLATES)")
     d.add_argument("--limit-per-class", type=int, help="seeded random subset of each class")
     d.add_argument("--shifts", type=_names, help="comma list (default: clean and the whole suite)")
     t = p.add_argument_group("adaptation (unset values take the model's defaults)")
@@ -57,12 +52,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from adaptclip.adapt.evaluate import EvalPlan, evaluate, load_folder
+    from adaptclip.adapt.data import load_folder
+    from adaptclip.adapt.evaluate import EvalPlan, evaluate
     from adaptclip.adapt.shifts import SHIFT_NAMES, get_shift
-    from adaptclip.client.client import load_lines
-    from adaptclip.server.config import ModelSpec, load_config
-    from adaptclip.server.labels import DEFAULT_TEMPLATES
-    from adaptclip.server.models import ModelLoadError, load_model
+    from adaptclip.compression.models import DEFAULT_TEMPLATES, ModelLoadError, ModelSpec, load_model
+    from adaptclip.server.config import load_config
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -70,20 +64,15 @@ def run(args: argparse.Namespace) -> int:
         print(f"adaptclip eval: no folder for the output {args.output}", file=sys.stderr)
         return 2
     try:
-        spec = load_config(args.config).default_model if args.config else ModelSpec()
-        if args.model or args.pretrained or args.random_init:
-            spec = ModelSpec(model=args.model or spec.model, pretrained=args.pretrained, random_init=args.random_init,
-                             adaptation=spec.adaptation)
-        spec.device = args.device or spec.device
-        spec.precision = args.precision or spec.precision
-        hosted = load_model(spec)
-        classes = load_lines(args.classes_file) if args.classes_file else None
-        data = load_folder(args.data_dir, classes, args.limit_per_class, seed=args.seed or 0)
-        templates = tuple(load_lines(args.templates_file)) if args.templates_file else DEFAULT_TEMPLATES
+        spec = flags.model_spec(args, load_config(args.config).default_model if args.config else ModelSpec())
+        model = load_model(spec)
+        classes, templates = flags.labels_from_args(args)
+        data = load_folder(args.data_dir, classes or None, args.limit_per_class, seed=args.seed or 0)
+        templates = tuple(templates) or DEFAULT_TEMPLATES
         changes = {k: v for k, v in (("views", args.views), ("augmix", args.augmix), ("seed", args.seed),
                                      ("crop_scale", tuple(args.crop_scale) if args.crop_scale else None))
                    if v is not None}
-        base = hosted.adapt_defaults.replace(**changes).validate()
+        base = model.adapt_defaults.replace(**changes).validate()
         plan = EvalPlan(methods=tuple(args.tta), shifts=tuple(get_shift(s) for s in (args.shifts or SHIFT_NAMES)),
                         skip_entropies=tuple(args.skip_entropy), view_chunks=tuple(args.view_chunk),
                         batch_images=args.batch_images)
@@ -91,8 +80,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"adaptclip eval: {exc}", file=sys.stderr)
         return 2
     labels = tuple(c.replace("_", " ") for c in data.classes)
-    classifier = hosted.build_classifier(labels, templates)
-    records = evaluate(hosted, data, classifier, base, plan, model=spec.model, pretrained=str(spec.pretrained),
+    classifier = model.classifier(labels, templates)
+    records = evaluate(model, data, classifier, base, plan, model_name=spec.model, pretrained=str(spec.pretrained),
                        extra={"limit_per_class": args.limit_per_class},
                        progress=lambda msg: print(msg, file=sys.stderr, flush=True))
     Path(args.output).write_text(json.dumps(records, indent=1))

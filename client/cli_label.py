@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from adaptclip.client import cli
+from adaptclip.client import flags
 
 EPILOG = """\
 Output: one record per image, appended as it is done; re-running the same command skips the images
@@ -28,10 +28,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("sources", nargs="+", metavar="SRC",
                    help="folder (searched recursively for images), glob pattern, or .txt/.lst file of paths")
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="output file (appended to; resumes)")
-    labels = p.add_mutually_exclusive_group(required=True)
-    labels.add_argument("--labels", help="comma-separated labels")
-    labels.add_argument("--labels-file", help="one label per line")
-    p.add_argument("--templates-file", help="one prompt template per line, with {} for the label")
+    flags.add_label_flags(p)
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--format", choices=["jsonl", "csv"], help="default: csv when OUT ends in .csv, else jsonl")
     p.add_argument("--concurrency", type=int, default=32,
@@ -43,15 +40,15 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                    help="local: this process; ray: Ray Data with an actor pool holding the model (pip install 'adaptclip[ray]')")
     p.add_argument("--ray-address", help="Ray cluster address (default: start a local Ray)")
     p.add_argument("--ray-workers", type=int, default=2, help="model actors with --engine ray")
-    cli._add_model_flags(p)
+    flags.add_model_flags(p, serving=True)
     p.add_argument("--config", help="YAML server config for the in-process model (see README; flags override it)")
     p.add_argument("--max-batch-size", type=int, help="encoder batch size of the in-process model")
-    cli.add_tta_flags(p)
+    flags.add_tta_flags(p)
 
 
 def _server_config(args: argparse.Namespace):
     """The in-process model's ServerConfig, built exactly as `adaptclip serve` builds it from the same flags."""
-    cfg = cli.build_config(args)
+    cfg = flags.server_config(args)
     cfg.models = cfg.models[:1]  # the job uses the first model: load no other
     if not cfg.cache.redis_url:
         cfg.cache.enabled = False  # an in-process cache never hits in one pass over distinct images
@@ -89,8 +86,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.concurrency < 1 or args.ray_workers < 1 or args.top_k < 0:
             raise label.LabelError("--concurrency and --ray-workers must be >= 1, --top-k >= 0")
-        labels, templates = cli.labels_from_args(args)
-        job = label.Job(labels=labels, templates=templates, top_k=args.top_k, adaptation=cli.adaptation_from_args(args),
+        labels, templates = flags.labels_from_args(args)
+        job = label.Job(labels=labels, templates=templates, top_k=args.top_k, adaptation=flags.adaptation_from_args(args),
                         model=args.name or "" if args.server else "", concurrency=args.concurrency)
         fmt = args.format or ("csv" if Path(args.output).suffix.lower() == ".csv" else "jsonl")
         label.run_job(job, args.sources, args.output, fmt, _engine(args))

@@ -5,16 +5,13 @@ import argparse
 import json
 import sys
 
+from adaptclip.client import flags
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("quantize", help="quantise a model's image tower into an ONNX edge bundle")
-    p.add_argument("--model", required=True, help="open_clip model name, or a JSON model config file")
-    p.add_argument("--pretrained", help="open_clip pretrained tag or a local checkpoint path")
-    p.add_argument("--random-init", action="store_true", help="RANDOM weights (tests and speed benchmarks only)")
-    labels = p.add_mutually_exclusive_group(required=True)
-    labels.add_argument("--labels", help="comma-separated labels")
-    labels.add_argument("--labels-file", help="one label per line")
-    p.add_argument("--templates-file", help="one prompt template per line, with {} for the label")
+    flags.add_model_flags(p, placement=False)  # quantisation runs on the CPU, in fp32
+    flags.add_label_flags(p)
     p.add_argument("--label-set-name", default="default", help="name of the label set in the bundle")
     p.add_argument("--calib", default="spdfq", help="spdfq (data-free, default) | gaussian | real:DIR")
     p.add_argument("--bits", choices=["w8a8", "w4a8"], default="w8a8")
@@ -36,19 +33,19 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from adaptclip.client import cli
     from adaptclip.compression.bundle import BundleConfig, build_bundle
     from adaptclip.compression.export import ExportError, QuantConfig
+    from adaptclip.compression.models import DEFAULT_TEMPLATES, ModelLoadError, ModelSpec, load_model
     from adaptclip.compression.spdfq import SynthesisConfig
-    from adaptclip.server.config import ModelSpec
-    from adaptclip.server.labels import DEFAULT_TEMPLATES
-    from adaptclip.server.models import ModelLoadError, load_model
 
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
-    labels, given = cli.labels_from_args(args)
+    if not args.model:
+        print("adaptclip quantize: --model is required (an open_clip name or a JSON model config)", file=sys.stderr)
+        return 2
+    labels, given = flags.labels_from_args(args)
     templates = tuple(given) or DEFAULT_TEMPLATES
     if not labels:
         print("adaptclip quantize: no labels given", file=sys.stderr)

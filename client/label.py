@@ -24,9 +24,9 @@ from pathlib import Path
 import grpc
 from tqdm import tqdm
 
-from adaptclip.client.cli import response_record
+from adaptclip.adapt.data import IMAGE_SUFFIXES
 from adaptclip.client.client import Client, classify_request
-from adaptclip.server.decode import IMAGE_SUFFIXES
+from adaptclip.client.records import response_record
 from adaptclip.v1 import classifier_pb2 as pb
 
 LIST_SUFFIXES = frozenset({".txt", ".lst"})
@@ -314,8 +314,8 @@ def local_engine(cfg) -> Engine:
     """The service pipeline in this process (InProcess); up to job.concurrency requests share encoder batches."""
 
     async def main(job: Job, pending: list[str], rec: Recorder) -> None:
+        from adaptclip.compression.models import ModelLoadError
         from adaptclip.server.app import InProcess
-        from adaptclip.server.models import ModelLoadError
 
         try:
             ctx = InProcess(cfg)

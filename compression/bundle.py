@@ -30,7 +30,7 @@ from adaptclip.compression.export import (INPUT_NAME, OUTPUT_NAME, SIMULATED_ONL
                                           torch_embeddings)
 from adaptclip.compression.edge import BUNDLE_FORMAT
 from adaptclip.compression.spdfq import SynthesisConfig, gaussian_images, real_images, synthesize
-from adaptclip.server.models import HostedModel
+from adaptclip.compression.models import TorchModel
 
 SUPPORTED_RESIZE = ("shortest", "squash")
 
@@ -49,12 +49,12 @@ class BundleConfig:
     synthesis: SynthesisConfig = field(default_factory=SynthesisConfig)
 
 
-def calibration_images(source: str, hosted: HostedModel, classifier: torch.Tensor, n: int,
+def calibration_images(source: str, hosted: TorchModel, classifier: torch.Tensor, n: int,
                        synthesis: SynthesisConfig) -> torch.Tensor:
     """n images [n, 3, S, S] (normalised) from `spdfq`, `gaussian` or `real:DIR`."""
     if source == "spdfq":
         cfg = replace(synthesis, n=n)
-        return synthesize(hosted.model, classifier, hosted.logit_scale, hosted.mean, hosted.std, hosted.image_size, cfg)
+        return synthesize(hosted.module, classifier, hosted.logit_scale, hosted.mean, hosted.std, hosted.image_size, cfg)
     if source == "gaussian":
         return gaussian_images(n, hosted.image_size, synthesis.seed)
     if source.startswith("real:"):
@@ -62,9 +62,9 @@ def calibration_images(source: str, hosted: HostedModel, classifier: torch.Tenso
     raise ValueError(f"calibration source must be spdfq, gaussian or real:DIR, not {source!r}")
 
 
-def preprocess_params(hosted: HostedModel) -> dict:
+def preprocess_params(hosted: TorchModel) -> dict:
     """open_clip's inference transform, as parameters the numpy preprocessing reproduces."""
-    cfg = open_clip.get_model_preprocess_cfg(hosted.model)
+    cfg = open_clip.get_model_preprocess_cfg(hosted.module)
     size = cfg.get("size", hosted.image_size)
     size = list(size) if isinstance(size, (tuple, list)) else [size, size]
     resize_mode = cfg.get("resize_mode", "shortest")
@@ -79,7 +79,7 @@ def _file_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in [path, *path.parent.glob(path.name + ".data")] if p.exists())
 
 
-def build_bundle(hosted: HostedModel, label_sets: dict[str, tuple[tuple[str, ...], tuple[str, ...]]],
+def build_bundle(hosted: TorchModel, label_sets: dict[str, tuple[tuple[str, ...], tuple[str, ...]]],
                  out_dir: str | Path, cfg: BundleConfig) -> dict:
     """Calibrate, export, quantise, check against fp32 and write the bundle; returns the manifest.
 
@@ -99,8 +99,8 @@ def build_bundle(hosted: HostedModel, label_sets: dict[str, tuple[tuple[str, ...
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(f"output folder {out_dir} is not empty")
     started = time.perf_counter()
-    hosted.model.float().eval()
-    classifiers = {name: hosted.build_classifier(labels, templates) for name, (labels, templates) in label_sets.items()}
+    hosted.module.float().eval()
+    classifiers = {name: hosted.classifier(labels, templates) for name, (labels, templates) in label_sets.items()}
     first = next(iter(classifiers.values()))
     n_check = 0 if cfg.check_images else cfg.n_check
     images = calibration_images(cfg.calib, hosted, first, cfg.n_calib + n_check, cfg.synthesis)
@@ -113,10 +113,10 @@ def build_bundle(hosted: HostedModel, label_sets: dict[str, tuple[tuple[str, ...
     calibrated_s = time.perf_counter() - started
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        fp32 = export_image_tower(hosted.model, work / "fp32.onnx", hosted.image_size, cfg.opset)
+        fp32 = export_image_tower(hosted.module, work / "fp32.onnx", hosted.image_size, cfg.opset)
         (work / "bundle").mkdir()
         model_path = quantize(fp32, work / "bundle" / "model.onnx", calib.numpy(), cfg.quant)
-        ref = torch_embeddings(hosted.model, held_out)
+        ref = torch_embeddings(hosted.module, held_out)
         class_np = {k: v.numpy() for k, v in classifiers.items()}
         result = agreement(ref, run_onnx(session(model_path), held_out.numpy()), class_np)
         check_agreement(result, cfg.min_cosine, f"the {cfg.quant.bits.upper()} model ({cfg.calib} calibration)")
@@ -129,7 +129,7 @@ def build_bundle(hosted: HostedModel, label_sets: dict[str, tuple[tuple[str, ...
     return manifest
 
 
-def _write_files(folder: Path, hosted: HostedModel, label_sets: dict[str, tuple[tuple[str, ...], tuple[str, ...]]],
+def _write_files(folder: Path, hosted: TorchModel, label_sets: dict[str, tuple[tuple[str, ...], tuple[str, ...]]],
                  classifiers: dict[str, np.ndarray], cfg: BundleConfig, result: Agreement, fp32_bytes: int,
                  calibrated_s: float, total_s: float) -> dict:
     (folder / "label_sets").mkdir()

@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from adaptclip.adapt.data import IMAGE_SUFFIXES
 from adaptclip.compression.tokens import cls_attention_heads
-from adaptclip.server.decode import IMAGE_SUFFIXES
 
 
 @dataclass
@@ -62,7 +62,7 @@ def _heads(block: nn.Module) -> int:
     return int(block.attn.num_heads)
 
 
-def cls_attention(block: nn.Module, x: Tensor) -> Tensor:
+def cls_patch_attention(block: nn.Module, x: Tensor) -> Tensor:
     """CLS-to-patch attention [N, H, P] of one block from its ln_1 output x [N, L, D] (batch first).
 
     open_clip's fused attention returns no weights, so the CLS row is recomputed (the token
@@ -89,7 +89,7 @@ class AttentionRecorder:
 
     def attentions(self) -> dict[int, Tensor]:
         """{layer: [N, H, P]} for the last forward."""
-        return {i: cls_attention(self.blocks[i], self._inputs[i]) for i in self.layers}
+        return {i: cls_patch_attention(self.blocks[i], self._inputs[i]) for i in self.layers}
 
     def close(self) -> None:
         for h in self._handles:

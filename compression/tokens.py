@@ -28,19 +28,24 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
+from open_clip.transformer import (Attention, CustomResidualAttentionBlock, ResidualAttentionBlock,
+                                   VisionTransformer)
 from torch import Tensor, nn
 
+from adaptclip.adapt.settings import validate_keep_rate
+
 DEFAULT_FRACTIONS = (0.25, 0.5, 0.75)
+Block = ResidualAttentionBlock | CustomResidualAttentionBlock
 
 
-def validate_keep_rate(value: object, name: str = "keep_rate") -> float:
-    """Return value as a float in (0, 1]; ValueError('<name>: ...') otherwise (NaN included)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name}: must be a finite number in (0, 1], got {value!r}")
-    if not 0.0 < value <= 1.0:
-        raise ValueError(f"{name}: must be in (0, 1], got {value!r}")
-    return float(value)
+class UnsupportedTower(ValueError):
+    """The tower cannot drop tokens. `vit`: it is an open_clip CLS-token ViT whose blocks this compressor
+    does not know (a newer open_clip, an attention variant), which a caller should report loudly rather
+    than serve without compression by surprise."""
+
+    def __init__(self, message: str, vit: bool) -> None:
+        super().__init__(message)
+        self.vit = vit
 
 
 def kept_count(n_patches: int, keep_rate: float) -> int:
@@ -48,7 +53,7 @@ def kept_count(n_patches: int, keep_rate: float) -> int:
     return max(1, math.ceil(round(keep_rate * n_patches, 6)))
 
 
-def cls_attention_heads(block: ResidualAttentionBlock, y: Tensor) -> Tensor:
+def cls_attention_heads(block: Block, y: Tensor) -> Tensor:
     """Per-head attention of the CLS token (position 0) on every token: [N, H, L] float32, rows sum to 1.
 
     y is ln_1(x) of the block's input, [N, L, D] (batch first). Written as q_cls against all k,
@@ -57,7 +62,7 @@ def cls_attention_heads(block: ResidualAttentionBlock, y: Tensor) -> Tensor:
     Differentiable in y (SPDFQ's attention prior optimises images through it).
     """
     attn = block.attn
-    d, heads = attn.embed_dim, attn.num_heads
+    d, heads = attn.in_proj_weight.shape[1], attn.num_heads
     head_dim = d // heads
     weight = attn.in_proj_weight[:2 * d].float()  # q and k rows only: no copy of the v part
     q = y[:, 0].float() @ weight[:d].T
@@ -68,7 +73,7 @@ def cls_attention_heads(block: ResidualAttentionBlock, y: Tensor) -> Tensor:
     return torch.einsum("nld,nhd->nhl", y.float(), folded).softmax(-1)
 
 
-def cls_attention(block: ResidualAttentionBlock, y: Tensor) -> Tensor:
+def cls_attention(block: Block, y: Tensor) -> Tensor:
     """Head-averaged CLS attention on every token, [N, L] float32 (see cls_attention_heads)."""
     return cls_attention_heads(block, y).mean(1)
 
@@ -118,6 +123,31 @@ class TokenCompressor:
         # blocks whose CLS attention is scored: score_layers up to each reduction, after the previous one
         self._scored = frozenset(i for prev, b in zip(starts, self.reduce_at)
                                  for i in range(max(prev + 1, b - score_layers + 1), b + 1))
+        self._check_split()
+
+    @torch.inference_mode()
+    def _check_split(self) -> None:
+        """Probe once that this open_clip's embedding, blocks and pooling are the steps the compressor runs
+        piecewise, so a changed open_clip fails here, loudly, instead of answering wrong."""
+        v = self.visual
+        param = next(v.parameters())
+        probe = torch.randn(1, 3, *v.image_size, generator=torch.Generator().manual_seed(0))
+        probe = probe.to(param.device, param.dtype)
+        x = v._embeds(probe)
+        block = self.blocks[0]
+        y = block.ln_1(x)
+        split = x + block.ls_1(self._attend(block, y))
+        split = split + block.ls_2(block.mlp(block.ln_2(split)))
+        whole = self._run_blocks(x, [block])
+        pooled = self._project(v._pool(self._run_blocks(x, self.blocks))[0])
+        plain = v(probe)
+        plain = plain[0] if isinstance(plain, tuple) else plain
+        for what, got, want in (("block 0 split into attention and MLP halves", split, whole),
+                                ("embeddings -> blocks -> pooling", pooled, plain)):
+            tol = 1e-4 if param.dtype == torch.float32 else 2e-2
+            if not torch.allclose(got.float(), want.float(), rtol=tol, atol=tol * float(want.float().abs().max())):
+                raise UnsupportedTower(f"{what} does not reproduce this open_clip's forward; token compression "
+                                       f"does not know this open_clip version", vit=True)
 
     def schedule(self, keep_rate: float) -> tuple[int, ...]:
         """Patch tokens after each stage; two keep rates with equal schedules give identical outputs."""
@@ -193,8 +223,10 @@ class TokenCompressor:
             x = block(x, attn_mask=None)
         return x if self.batch_first else x.transpose(0, 1)
 
-    def _attend(self, block: ResidualAttentionBlock, y: Tensor) -> Tensor:
-        """The block's own attention (need_weights=False, fused kernel) on batch-first y."""
+    def _attend(self, block: Block, y: Tensor) -> Tensor:
+        """The block's own attention (need_weights=False, fused kernel) on batch-first y, before its residual."""
+        if isinstance(block, CustomResidualAttentionBlock):
+            return block.ln_attn(block.attn(y))
         if self.batch_first:
             return block.attention(q_x=y)
         return block.attention(q_x=y.transpose(0, 1)).transpose(0, 1)
@@ -230,18 +262,37 @@ def reduce_tokens(x: Tensor, index: Tensor, scores: Tensor, k: int, fuse: bool,
     return torch.cat(parts, dim=1), index.gather(1, pos), fuse
 
 
-def _check_tower(visual: nn.Module) -> nn.ModuleList:
-    """The tower's resblocks; ValueError naming what is unsupported (the reduction needs a CLS-token ViT)."""
-    if not isinstance(visual, VisionTransformer):
-        raise ValueError(f"token compression needs an open_clip VisionTransformer image tower, got "
-                         f"{type(visual).__name__} (ResNet and timm towers have no CLS token attention)")
-    if visual.attn_pool is not None or visual.pool_type != "tok":
-        raise ValueError("token compression needs CLS-token pooling (pool_type 'tok', no attentional pooler)")
-    blocks = visual.transformer.resblocks
-    for block in blocks:
-        if type(block) is not ResidualAttentionBlock or not isinstance(block.attn, nn.MultiheadAttention) \
-                or not block.attn._qkv_same_embed_dim or hasattr(block, "ln_1_kv"):
-            raise ValueError(f"token compression needs open_clip ResidualAttentionBlock self-attention blocks, "
-                             f"got {type(block).__name__}")
-    return blocks
+def _known_block(block: nn.Module) -> str | None:
+    """Why the compressor cannot split `block` into its attention and MLP halves, or None when it can."""
+    if type(block) is ResidualAttentionBlock:
+        attn = block.attn
+        if not isinstance(attn, nn.MultiheadAttention) or not attn._qkv_same_embed_dim or hasattr(block, "ln_1_kv"):
+            return f"ResidualAttentionBlock with {type(attn).__name__} cross/odd-shaped attention"
+        return None
+    if type(block) is CustomResidualAttentionBlock:
+        attn = block.attn
+        if type(attn) is not Attention:
+            return f"CustomResidualAttentionBlock with {type(attn).__name__}"
+        if attn.scaled_cosine or not isinstance(attn.ln_q, nn.Identity):
+            return "Attention with scaled-cosine or QK-normalised logits (the CLS row is not q . k)"
+        return None
+    return f"{type(block).__name__} blocks"
 
+
+def _check_tower(visual: nn.Module) -> nn.ModuleList:
+    """The tower's resblocks; UnsupportedTower naming what it cannot run (the reduction needs a CLS-token ViT)."""
+    if not isinstance(visual, VisionTransformer):
+        raise UnsupportedTower(f"token compression needs an open_clip VisionTransformer image tower, got "
+                               f"{type(visual).__name__} (ResNet and timm towers have no CLS token attention)", vit=False)
+    if visual.attn_pool is not None or visual.pool_type != "tok":
+        raise UnsupportedTower("token compression needs CLS-token pooling (pool_type 'tok', no attentional pooler)",
+                               vit=False)
+    if not (callable(getattr(visual, "_embeds", None)) and callable(getattr(visual, "_pool", None))):
+        raise UnsupportedTower("this open_clip VisionTransformer has no _embeds/_pool steps to run the blocks "
+                               "between; token compression does not know this open_clip version", vit=True)
+    blocks = visual.transformer.resblocks
+    for i, block in enumerate(blocks):
+        why = _known_block(block)
+        if why is not None:
+            raise UnsupportedTower(f"block {i}: token compression does not know {why}", vit=True)
+    return blocks

@@ -9,36 +9,16 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from adaptclip.adapt.encoder import EncoderModel
 from adaptclip.server.cache import Cache, MemoryBackend, RedisBackend
 from adaptclip.server.config import CacheConfig, ServerConfig
-from adaptclip.server.bundled import load_bundle
-from adaptclip.server.models import HostedModel, attach_batcher, load_model, warm_up
+from adaptclip.server.hosting import Hosted, load_models
 from adaptclip.server.service import ClassifierService
 from adaptclip.v1 import classifier_pb2 as pb
 from adaptclip.v1 import classifier_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Classifier"].full_name
-
-
-def load_models(cfg: ServerConfig) -> list[HostedModel]:
-    """Load, check and warm every configured model (blocking; run it off the event loop)."""
-    hosted: list[HostedModel] = []
-    for spec in cfg.models:
-        if spec.bundle:
-            log.info("loading bundle %s (onnxruntime, device=%s)", spec.bundle, spec.device)
-            m = load_bundle(spec)
-        else:
-            log.info("loading model %s (pretrained=%s, device=%s, precision=%s)", spec.model,
-                     "RANDOM INIT" if spec.random_init else spec.pretrained, spec.device, spec.precision)
-            m = load_model(spec)
-        if any(h.name == m.name for h in hosted):
-            raise ValueError(f"two models are named '{m.name}'; set `name` per model")
-        warm_up(m)
-        log.info("model %s ready (%s): embed_dim=%d image_size=%d logit_scale=%.3f fingerprint=%s",
-                 m.name, m.runtime, m.embed_dim, m.image_size, m.logit_scale, m.fingerprint)
-        hosted.append(m)
-    return hosted
 
 
 def make_cache(cfg: CacheConfig) -> Cache | None:
@@ -50,15 +30,15 @@ def make_cache(cfg: CacheConfig) -> Cache | None:
     return Cache(backend, timeout_s=timeout, retry_after_s=cfg.retry_after_s)
 
 
-async def activate(service: ClassifierService, models: list[HostedModel] | None = None) -> list[HostedModel]:
+async def activate(service: ClassifierService, models: list[EncoderModel] | None = None) -> list[Hosted]:
     """Load the configured models (off the loop) unless given, start their batchers, hand them to `service`."""
     if models is None:
         models = await asyncio.get_running_loop().run_in_executor(None, load_models, service.cfg)
-    for m in models:
-        attach_batcher(m, service.cfg.batching)
-        m.batcher.start()
-    service.set_models(models)
-    return models
+    hosted = [Hosted(m) for m in models]
+    for h in hosted:
+        h.start(service.cfg.batching)
+    service.set_models(hosted)
+    return hosted
 
 
 class InProcess:
@@ -68,7 +48,7 @@ class InProcess:
             resp = await svc.classify_or_error(request)
     """
 
-    def __init__(self, cfg: ServerConfig, models: list[HostedModel] | None = None) -> None:
+    def __init__(self, cfg: ServerConfig, models: list[EncoderModel] | None = None) -> None:
         self.service = ClassifierService(cfg)
         self._models = models
 
@@ -113,12 +93,12 @@ class App:
         log.info("listening on %s:%d (NOT_SERVING until models are loaded)", self.cfg.host, self.port)
         return self.port
 
-    async def load(self, models: list[HostedModel] | None = None) -> None:
+    async def load(self, models: list[EncoderModel] | None = None) -> None:
         """Load (or adopt already loaded) models, start their batchers, then report SERVING."""
-        models = await activate(self.service, models)
+        hosted = await activate(self.service, models)
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        log.info("serving %s", ", ".join(m.name for m in models))
+        log.info("serving %s", ", ".join(h.name for h in hosted))
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Stop taking new calls, let in-flight ones finish (up to the grace period), then free models."""

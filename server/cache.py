@@ -22,7 +22,7 @@ import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry, Counter
 
 log = logging.getLogger(__name__)
-SCHEMA = 1  # bump when the layout of an entry or of a key changes
+SCHEMA = 2  # bump when the layout of an entry or of a key changes (2: reports store the method by name)
 _MAGIC = b"ACC1"
 _DIGEST = 16
 

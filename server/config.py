@@ -8,32 +8,7 @@ from typing import Any
 
 import yaml
 
-DEFAULT_MODEL = "ViT-B-32"
-DEFAULT_PRETRAINED = "laion2b_s34b_b79k"
-
-
-@dataclass
-class ModelSpec:
-    """One model to host: an open_clip registry name or a JSON model config file."""
-
-    model: str = DEFAULT_MODEL
-    pretrained: str | None = DEFAULT_PRETRAINED  # open_clip tag or local checkpoint path
-    name: str | None = None  # served name; defaults to the registry name / JSON file stem
-    device: str = "auto"  # auto = CUDA when available
-    precision: str = "fp32"  # fp32 | fp16 | bf16
-    random_init: bool = False  # serve random weights: only for tests and speed benchmarks
-    # Test-time adaptation defaults for this model (AdaptSettings fields), e.g. milder crops for
-    # 32-px inputs: {"crop_scale": [0.35, 1.0], "augmix": false}.
-    adaptation: dict[str, Any] = field(default_factory=dict)
-    # CLS-guided token compression (ViT towers): default keep rate per reduction stage (1.0 = off;
-    # requests may ask their own `token_keep_rate`), where to reduce, and how.
-    keep_rate: float = 1.0
-    token_reduce_at: list[int] | None = None  # 0-based blocks; None = after 1/4, 1/2, 3/4 of the depth
-    token_fuse: bool = True  # merge dropped tokens into one (EViT)
-    token_score_layers: int = 1  # CLS attention summed over this many blocks (VTC-CLS when > 1)
-    # An exported edge bundle folder (`adaptclip quantize`) served through onnxruntime instead of
-    # torch; model/pretrained/precision are then unused (the bundle says what it is).
-    bundle: str | None = None
+from adaptclip.compression.models import ModelSpec
 
 
 @dataclass

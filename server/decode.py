@@ -9,10 +9,6 @@ from PIL import Image, UnidentifiedImageError
 
 from adaptclip.server.errors import invalid
 
-# File suffixes that folder walks (labelling jobs, evaluation, real-image calibration) treat as images.
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"})
-
-
 def check_image_bytes(data: bytes, max_bytes: int, field: str = "image") -> None:
     """The checks that need no decoding: present, and within the byte limit."""
     if not data:

@@ -8,14 +8,11 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
-from open_clip import SIMPLE_IMAGENET_TEMPLATES
 
+from adaptclip.compression.models import DEFAULT_TEMPLATES
 from adaptclip.server.config import Limits
 from adaptclip.server.errors import invalid, not_found
-from adaptclip.server.models import HostedModel
-
-# open_clip's templates are callables; "{}" turns each into a format string.
-DEFAULT_TEMPLATES: tuple[str, ...] = tuple(t("{}") for t in SIMPLE_IMAGENET_TEMPLATES)
+from adaptclip.server.hosting import Hosted
 
 
 @dataclass(frozen=True)
@@ -59,6 +56,14 @@ def validate_label_set(labels: list[str], templates: list[str], limits: Limits, 
     return LabelSetDef(label_set_id(tuple(labels), resolved), tuple(labels), resolved)
 
 
+def fixed_sets_hint(hosted: Hosted) -> str:
+    """Why a label set was refused by a model without a text tower, and the ones it can use."""
+    sets = "; ".join(f"'{f.name}' ({len(f.labels)} labels, label_set_id {label_set_id(f.labels, f.templates)})"
+                     for f in hosted.model.fixed_label_sets)
+    return (f"model '{hosted.name}' has no text tower: it classifies only with the label sets it carries, "
+            f"sent inline with the same labels and templates or by id: {sets}")
+
+
 class LabelSetStore:
     """Bounded LRU of label sets and their classifiers; concurrent builds of one classifier run once."""
 
@@ -90,11 +95,11 @@ class LabelSetStore:
         self._sets.move_to_end(ls_id)
         return ls
 
-    async def classifier(self, hosted: HostedModel, ls: LabelSetDef) -> torch.Tensor:
+    async def classifier(self, hosted: Hosted, ls: LabelSetDef) -> torch.Tensor:
         """[C, D] classifier of `ls` for `hosted`, built on first use."""
         key = (hosted.name, ls.id)
         fut = self._classifiers.get(key)
         if fut is None or (fut.done() and fut.exception() is not None):
-            fut = asyncio.wrap_future(hosted.run_text(hosted.build_classifier, ls.labels, ls.templates))
+            fut = asyncio.ensure_future(hosted.run_text(hosted.model.classifier, ls.labels, ls.templates))
             self._classifiers[key] = fut
         return await asyncio.shield(fut)

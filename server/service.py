@@ -1,9 +1,8 @@
-"""The adaptclip.v1.Classifier servicer: request -> decode -> encoder batch -> logits -> response."""
+"""The adaptclip.v1.Classifier servicer: request -> decode -> views -> encoder batch -> adaptation -> response."""
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import logging
 import time
 from collections.abc import AsyncIterator
 
@@ -14,19 +13,19 @@ import torch.nn.functional as F
 from PIL import Image
 
 import adaptclip
-from adaptclip.server.config import ServerConfig
-from adaptclip.server.decode import check_image_bytes, decode_image
-from adaptclip.server.errors import RequestError, failed_precondition, invalid, not_found
-from adaptclip.server.labels import LabelSetDef, LabelSetStore, validate_label_set
-from adaptclip.server.models import HostedModel
 from adaptclip.server.cache import Cache
-from adaptclip.server.results import adapted_from_entry, entry_from_adapted
-from adaptclip.server.tta import (ImageViews, classify_with_adaptation, feature_key, image_digest, result_key,
-                                  settings_from_request, settings_to_proto, token_tag)
+from adaptclip.server.config import ServerConfig
+from adaptclip.server.convert import fill_top, report_to_proto, settings_from_request, settings_to_proto
+from adaptclip.server.decode import check_image_bytes, decode_image
+from adaptclip.server.errors import RequestError, failed_precondition, invalid, not_found, rpc, status_for
+from adaptclip.server.hosting import Hosted
+from adaptclip.server.keys import feature_key, image_digest, result_key, token_tag
+from adaptclip.server.labels import LabelSetDef, LabelSetStore, fixed_sets_hint, label_set_id, validate_label_set
+from adaptclip.server.pipeline import ImageViews, classify_image
+from adaptclip.server.results import entry_from_outcome, outcome_from_entry
 from adaptclip.v1 import classifier_pb2 as pb
 from adaptclip.v1 import classifier_pb2_grpc as pb_grpc
 
-log = logging.getLogger(__name__)
 DEFAULT_TOP_K = 5
 STREAM_WINDOW = 64  # requests of one stream in flight at once
 
@@ -34,32 +33,30 @@ STREAM_WINDOW = 64  # requests of one stream in flight at once
 class ClassifierService(pb_grpc.ClassifierServicer):
     def __init__(self, cfg: ServerConfig) -> None:
         self.cfg = cfg
-        self.models: dict[str, HostedModel] = {}
+        self.models: dict[str, Hosted] = {}
         self.default_model = ""
         self.labels = LabelSetStore(cfg.label_set_cache_size)
         self.cache: Cache | None = None
         self._pre_pool = concurrent.futures.ThreadPoolExecutor(cfg.preprocess_workers, thread_name_prefix="decode")
         self.ready = asyncio.Event()
 
-    def set_models(self, models: list[HostedModel]) -> None:
-        self.models = {m.name: m for m in models}
+    def set_models(self, models: list[Hosted]) -> None:
+        self.models = {h.name: h for h in models}
         self.default_model = models[0].name
-        for m in models:
-            for _, ls in getattr(m, "bundled", ()):
-                self.labels.pin(ls)
+        for h in models:
+            for f in h.model.fixed_label_sets:
+                self.labels.pin(LabelSetDef(label_set_id(f.labels, f.templates), f.labels, f.templates))
         self.ready.set()
 
     async def close(self) -> None:
-        for m in self.models.values():
-            if m.batcher is not None:
-                await m.batcher.close()
-            m.close()
+        for h in self.models.values():
+            await h.close()
         if self.cache is not None:
             await self.cache.close()
         self._pre_pool.shutdown(wait=False, cancel_futures=True)
 
     # -- lookups ----------------------------------------------------------------------------
-    def _model(self, name: str) -> HostedModel:
+    def _hosted(self, name: str) -> Hosted:
         if not self.ready.is_set():
             raise RequestError(grpc.StatusCode.UNAVAILABLE, "model", "models are still loading; retry shortly")
         hosted = self.models.get(name or self.default_model)
@@ -67,7 +64,7 @@ class ClassifierService(pb_grpc.ClassifierServicer):
             raise not_found("model", f"unknown model '{name}'; loaded: {', '.join(self.models)}")
         return hosted
 
-    def _label_set(self, req: pb.ClassifyRequest, hosted: HostedModel) -> LabelSetDef:
+    def _label_set(self, req: pb.ClassifyRequest, hosted: Hosted) -> LabelSetDef:
         """The request's label set, checked against what `hosted` can classify before it is stored."""
         which = req.WhichOneof("labels")
         if which == "label_set_id":
@@ -77,44 +74,42 @@ class ClassifierService(pb_grpc.ClassifierServicer):
                                     "label_set")
         else:
             raise invalid("label_set", "no labels given: set label_set (inline labels) or label_set_id")
-        if not hosted.supports(ls):
-            raise failed_precondition(which, hosted.label_set_hint())
+        if not hosted.model.can_classify(ls.labels, ls.templates):
+            raise failed_precondition(which, fixed_sets_hint(hosted))
         return self.labels.add(ls)
 
-    def _preprocess(self, hosted: HostedModel, data: bytes, field: str) -> tuple[Image.Image, torch.Tensor]:
+    def _preprocess(self, hosted: Hosted, data: bytes, field: str) -> tuple[Image.Image, torch.Tensor]:
         img = decode_image(data, max_bytes=self.cfg.limits.max_image_bytes,
                            max_pixels=self.cfg.limits.max_image_pixels, field=field)
-        return img, hosted.preprocess(img)
+        return img, hosted.model.preprocess(img)
 
-    async def _decode(self, hosted: HostedModel, data: bytes, field: str = "image") -> tuple[Image.Image, torch.Tensor]:
+    async def _decode(self, hosted: Hosted, data: bytes, field: str = "image") -> tuple[Image.Image, torch.Tensor]:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._pre_pool, self._preprocess, hosted, data, field)
 
     # -- classify ---------------------------------------------------------------------------
     async def classify(self, req: pb.ClassifyRequest, timeout_s: float | None = None) -> pb.ClassifyResponse:
-        """The whole pipeline for one request (gRPC or in-process callers); raises RequestError."""
+        """The whole pipeline for one request (gRPC or in-process callers); raises RequestError/FieldError."""
         start = time.perf_counter()
-        hosted = self._model(req.model)
+        hosted = self._hosted(req.model)
+        model = hosted.model
         if req.top_k < 0:
             raise invalid("top_k", f"must be >= 0, got {req.top_k}")
-        settings = settings_from_request(req.adaptation, hosted.adapt_defaults)
-        if settings.method == "tpt" and not hosted.has_text:
+        settings = settings_from_request(req.adaptation, model.adapt_defaults)
+        if settings.method == "tpt" and model.text is None:
             raise failed_precondition("adaptation.method", f"TPT tunes prompts through a text tower, and model "
-                                      f"'{hosted.name}' is an exported bundle without one; use gs_bias or zero")
-        try:
-            keep_rate = hosted.check_keep_rate(
-                req.token_keep_rate if req.HasField("token_keep_rate") else hosted.spec.keep_rate, "token_keep_rate")
-        except ValueError as exc:
-            raise invalid("token_keep_rate", str(exc).partition(": ")[2]) from None
+                                      f"'{model.name}' has none; use gs_bias or zero")
+        keep_rate = model.check_keep_rate(
+            req.token_keep_rate if req.HasField("token_keep_rate") else model.keep_rate, "token_keep_rate")
         ls = self._label_set(req, hosted)
         check_image_bytes(req.image, self.cfg.limits.max_image_bytes)
-        fkey = feature_key(hosted.fingerprint, image_digest(req.image), settings, token_tag(hosted, keep_rate))
+        fkey = feature_key(model.fingerprint, image_digest(req.image), settings, token_tag(model, keep_rate))
         rkey = result_key(fkey, ls.id, settings)
         k = min(req.top_k or DEFAULT_TOP_K, len(ls.labels))
-        resp = pb.ClassifyResponse(model=hosted.name, label_set_id=ls.id, request_id=req.request_id,
+        resp = pb.ClassifyResponse(model=model.name, label_set_id=ls.id, request_id=req.request_id,
                                    token_keep_rate=keep_rate)
         cached = await self.cache.get("result", rkey) if self.cache else None
-        if cached is not None and (out := adapted_from_entry(cached, len(ls.labels))) is not None:
+        if cached is not None and (out := outcome_from_entry(cached, len(ls.labels))) is not None:
             resp.cache_hit, resp.cache_level = True, pb.CACHE_RESULT
         else:
             classifier_task = asyncio.ensure_future(self.labels.classifier(hosted, ls))
@@ -123,44 +118,40 @@ class ClassifierService(pb_grpc.ClassifierServicer):
                                self._pre_pool, entry, keep_rate)
             try:
                 classifier = await classifier_task
-                out = await classify_with_adaptation(hosted, views, classifier, ls.labels, settings, self._pre_pool)
+                out = await classify_image(hosted, views, classifier, ls.labels, settings, self._pre_pool)
             finally:
                 classifier_task.cancel()
             if self.cache:
                 if views.dirty:
                     await self.cache.put("features", fkey, views.entry(), {"views": settings.views})
-                await self.cache.put("result", rkey, *entry_from_adapted(out))
+                await self.cache.put("result", rkey, *entry_from_outcome(out))
             if views.from_cache:
                 resp.cache_hit, resp.cache_level = True, pb.CACHE_FEATURES
             t = resp.timings
             t.decode_us, t.queue_us, t.encode_us, t.adapt_us = views.decode_us, views.queue_us, views.encode_us, out.adapt_us
-        resp.adaptation.CopyFrom(out.report)
+        resp.adaptation.CopyFrom(report_to_proto(out.report))
         if out.result is None:
-            _fill_top(resp.top, ls.labels, out.zero_shot, out.zero_shot.softmax(-1), k)
+            fill_top(resp.top, ls.labels, out.zero_shot, out.zero_shot.softmax(-1), k)
         else:
-            _fill_top(resp.top, ls.labels, out.result.logits, out.result.probs, k)
+            fill_top(resp.top, ls.labels, out.result.logits, out.result.probs, k)
         if settings.method != "none":
-            _fill_top(resp.zero_shot_top, ls.labels, out.zero_shot, out.zero_shot.softmax(-1), k)
+            fill_top(resp.zero_shot_top, ls.labels, out.zero_shot, out.zero_shot.softmax(-1), k)
         resp.timings.total_us = int((time.perf_counter() - start) * 1e6)
         return resp
 
+    @rpc
     async def Classify(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext) -> pb.ClassifyResponse:
-        try:
-            return await self.classify(request, context.time_remaining())
-        except RequestError as exc:
-            await context.abort(exc.code, str(exc))
+        return await self.classify(request, context.time_remaining())
 
     async def classify_or_error(self, req: pb.ClassifyRequest, timeout_s: float | None = None) -> pb.ClassifyResponse:
         """classify(), with a failure as the response's `error` (streams and batch jobs go on)."""
         try:
             return await self.classify(req, timeout_s)
-        except RequestError as exc:
-            return pb.ClassifyResponse(request_id=req.request_id, error=pb.Error(code=exc.code.value[0], message=str(exc)))
         except Exception as exc:  # noqa: BLE001 - one item's failure must not end the stream
-            log.exception("stream item %s failed", req.request_id)
-            return pb.ClassifyResponse(request_id=req.request_id,
-                                       error=pb.Error(code=grpc.StatusCode.INTERNAL.value[0], message=repr(exc)))
+            code, message = status_for(exc, f"stream item {req.request_id!r}")
+            return pb.ClassifyResponse(request_id=req.request_id, error=pb.Error(code=code.value[0], message=message))
 
+    @rpc
     async def ClassifyStream(self, request_iterator: AsyncIterator[pb.ClassifyRequest],
                              context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ClassifyResponse]:
         """Reads ahead up to STREAM_WINDOW requests so they share encoder batches; answers in order."""
@@ -186,51 +177,48 @@ class ClassifierService(pb_grpc.ClassifierServicer):
 
     # -- label sets, embeddings, info ------------------------------------------------------
     async def register_label_set(self, request: pb.LabelSet) -> pb.LabelSetRef:
-        """Validate, store, and build the classifier for every loaded model; raises RequestError."""
+        """Validate, store, and build the classifier for every loaded model that can use it."""
         ls = validate_label_set(list(request.labels), list(request.templates), self.cfg.limits, "label_set")
-        able = [hosted for hosted in list(self.models.values()) if hosted.supports(ls)]
+        able = [h for h in list(self.models.values()) if h.model.can_classify(ls.labels, ls.templates)]
         if not able:
-            raise failed_precondition("label_set", " / ".join(h.label_set_hint() for h in self.models.values()))
+            raise failed_precondition("label_set", " / ".join(fixed_sets_hint(h) for h in self.models.values()))
         self.labels.add(ls)
         for hosted in able:
             await self.labels.classifier(hosted, ls)
         return pb.LabelSetRef(label_set_id=ls.id, num_labels=len(ls.labels), num_templates=len(ls.templates))
 
+    @rpc
     async def RegisterLabelSet(self, request: pb.LabelSet, context: grpc.aio.ServicerContext) -> pb.LabelSetRef:
-        try:
-            return await self.register_label_set(request)
-        except RequestError as exc:
-            await context.abort(exc.code, str(exc))
+        return await self.register_label_set(request)
 
+    @rpc
     async def Embed(self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
-        try:
-            hosted = self._model(request.model)
-            limit = self.cfg.limits.max_embed_items
-            if not request.images and not request.texts:
-                raise invalid("images", "nothing to embed: give images and/or texts")
-            if len(request.images) > limit:
-                raise invalid("images", f"{len(request.images)} images is over the limit of {limit}")
-            if len(request.texts) > limit:
-                raise invalid("texts", f"{len(request.texts)} texts is over the limit of {limit}")
-            if request.texts and not hosted.has_text:
-                raise failed_precondition("texts", f"model '{hosted.name}' is an exported bundle without a text "
-                                          f"tower: it embeds images only")
-            resp = pb.EmbedResponse(model=hosted.name, dim=hosted.embed_dim)
-            if request.images:
-                decoded = await asyncio.gather(*(self._decode(hosted, d, f"images[{i}]") for i, d in enumerate(request.images)))
-                result = await hosted.batcher.submit(torch.stack([p for _, p in decoded]), timeout_s=context.time_remaining(),
-                                                     keep_rate=hosted.spec.keep_rate)
-                feats = F.normalize(result.features, dim=-1) if request.normalize else result.features
-                for row in feats.tolist():
-                    resp.image_embeddings.add(values=row)
-            if request.texts:
-                feats = await asyncio.wrap_future(hosted.run_text(hosted.encode_texts, list(request.texts), request.normalize))
-                for row in feats.tolist():
-                    resp.text_embeddings.add(values=row)
-            return resp
-        except RequestError as exc:
-            await context.abort(exc.code, str(exc))
+        hosted = self._hosted(request.model)
+        model = hosted.model
+        limit = self.cfg.limits.max_embed_items
+        if not request.images and not request.texts:
+            raise invalid("images", "nothing to embed: give images and/or texts")
+        if len(request.images) > limit:
+            raise invalid("images", f"{len(request.images)} images is over the limit of {limit}")
+        if len(request.texts) > limit:
+            raise invalid("texts", f"{len(request.texts)} texts is over the limit of {limit}")
+        if request.texts and model.text is None:
+            raise failed_precondition("texts", f"model '{model.name}' has no text tower: it embeds images only")
+        resp = pb.EmbedResponse(model=model.name, dim=model.embed_dim)
+        if request.images:
+            decoded = await asyncio.gather(*(self._decode(hosted, d, f"images[{i}]") for i, d in enumerate(request.images)))
+            result = await hosted.batcher.submit(torch.stack([p for _, p in decoded]), timeout_s=context.time_remaining(),
+                                                 keep_rate=model.keep_rate)
+            feats = F.normalize(result.features, dim=-1) if request.normalize else result.features
+            for row in feats.tolist():
+                resp.image_embeddings.add(values=row)
+        if request.texts:
+            feats = await hosted.run_text(model.text.encode, list(request.texts), request.normalize)
+            for row in feats.tolist():
+                resp.text_embeddings.add(values=row)
+        return resp
 
+    @rpc
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
         lim, bat = self.cfg.limits, self.cfg.batching
         info = pb.ModelInfo(default_model=self.default_model, limits=pb.Limits(
@@ -240,39 +228,21 @@ class ClassifierService(pb_grpc.ClassifierServicer):
             max_embed_items=lim.max_embed_items),
             versions=pb.Versions(adaptclip=adaptclip.__version__, open_clip=open_clip.__version__,
                                  torch=torch.__version__, grpc=grpc.__version__))
-        for m in self.models.values():
+        for h in self.models.values():
+            m = h.model
             info.models.add(name=m.name, is_default=m.name == self.default_model, embed_dim=m.embed_dim,
-                            image_size=m.image_size, pretrained=_pretrained_label(m), fingerprint=m.fingerprint,
+                            image_size=m.image_size, pretrained=m.source, fingerprint=m.fingerprint,
                             device=str(m.device), precision=m.precision, logit_scale=m.logit_scale,
-                            random_init=m.spec.random_init, adaptation=settings_to_proto(m.adapt_defaults),
-                            token_compression=_token_compression(m), runtime=m.runtime,
-                            bundled_label_sets=[pb.BundledLabelSet(name=name, label_set_id=ls.id,
-                                                                   num_labels=len(ls.labels))
-                                                for name, ls in getattr(m, "bundled", ())])
+                            random_init=m.random_init, adaptation=settings_to_proto(m.adapt_defaults),
+                            token_compression=_token_compression(m.compressor, m.keep_rate), runtime=m.runtime,
+                            bundled_label_sets=[pb.BundledLabelSet(name=f.name, label_set_id=label_set_id(f.labels, f.templates),
+                                                                   num_labels=len(f.labels))
+                                                for f in m.fixed_label_sets])
         return info
 
 
-def _fill_top(field, labels: tuple[str, ...], logits: torch.Tensor, probs: torch.Tensor, k: int) -> None:
-    """Top-k by probability, ties broken by logit (ZERO's votes tie often)."""
-    order = sorted(range(len(labels)), key=lambda i: (-float(probs[i]), -float(logits[i])))[:k]
-    for i in order:
-        field.add(label=labels[i], probability=float(probs[i]), logit=float(logits[i]), index=i)
-
-
-def _token_compression(m: HostedModel) -> pb.TokenCompression:
-    c = m.compressor
+def _token_compression(c, keep_rate: float) -> pb.TokenCompression:
     if c is None:
         return pb.TokenCompression(available=False, keep_rate=1.0)
-    return pb.TokenCompression(available=True, keep_rate=m.spec.keep_rate, reduce_at=list(c.reduce_at), fuse=c.fuse,
+    return pb.TokenCompression(available=True, keep_rate=keep_rate, reduce_at=list(c.reduce_at), fuse=c.fuse,
                                score_layers=c.score_layers)
-
-
-def _pretrained_label(m: HostedModel) -> str:
-    """The tag, or the checkpoint's (bundle's) file name (full paths are the operator's business)."""
-    if m.spec.bundle:
-        return m.spec.bundle.rstrip("/").rsplit("/", 1)[-1]
-    if m.spec.random_init or not m.spec.pretrained:
-        return ""
-    p = m.spec.pretrained
-    return p.rsplit("/", 1)[-1] if "/" in p else p
-

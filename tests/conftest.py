@@ -15,8 +15,9 @@ from PIL import Image
 
 from adaptclip.client import Client
 from adaptclip.server.app import App
-from adaptclip.server.config import ModelSpec, ServerConfig
-from adaptclip.server.models import HostedModel, load_model
+from adaptclip.compression.models import ModelSpec
+from adaptclip.server.config import ServerConfig
+from adaptclip.compression.models import TorchModel, load_model
 
 TINY_CONFIG = Path(__file__).parent / "models" / "tiny-vit.json"
 TINY_NAME = TINY_CONFIG.stem
@@ -60,7 +61,7 @@ def one_thread() -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def hosted(tiny_spec: ModelSpec) -> HostedModel:
+def hosted(tiny_spec: ModelSpec) -> TorchModel:
     """The tiny model loaded as the server loads it (outside any server)."""
     return load_model(tiny_spec)
 
@@ -68,7 +69,7 @@ def hosted(tiny_spec: ModelSpec) -> HostedModel:
 class ServerThread:
     """An App on its own event loop in a thread, so tests can use the blocking client."""
 
-    def __init__(self, cfg: ServerConfig, models: list[HostedModel]) -> None:
+    def __init__(self, cfg: ServerConfig, models: list[TorchModel]) -> None:
         self.cfg, self.models = cfg, models
         self.app: App | None = None
         self.port = 0

@@ -13,17 +13,18 @@ import pytest
 from PIL import Image
 from conftest import ServerThread, make_image
 
-from adaptclip.client import Client
+from adaptclip.client import Client, flags
 from adaptclip.client.client import classify_request
 from adaptclip.compression.bundle import BundleConfig, build_bundle
 from adaptclip.compression.edge import EdgeModel
 from adaptclip.compression.export import QuantConfig
 from adaptclip.compression.spdfq import SynthesisConfig
 from adaptclip.server.app import load_models
-from adaptclip.server.bundled import load_bundle
-from adaptclip.server.config import ModelSpec, ServerConfig
+from adaptclip.compression.bundled import load_bundle
+from adaptclip.compression.models import ModelSpec
+from adaptclip.server.config import ServerConfig
 from adaptclip.server.labels import label_set_id
-from adaptclip.server.models import HostedModel, ModelLoadError
+from adaptclip.compression.models import ModelLoadError, TorchModel
 from adaptclip.v1 import classifier_pb2 as pb
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -33,7 +34,7 @@ TEMPLATES = ("a photo of a {}.", "a picture of a {}.")
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory: pytest.TempPathFactory, hosted: HostedModel) -> Path:
+def bundle(tmp_path_factory: pytest.TempPathFactory, hosted: TorchModel) -> Path:
     out = tmp_path_factory.mktemp("served") / "bundle"
     cfg = BundleConfig(calib="gaussian", n_calib=8, n_check=4, min_cosine=0.9, quant=QuantConfig(bits="w8a8"),
                        synthesis=SynthesisConfig(iters=2, progress=False))
@@ -154,8 +155,8 @@ def test_serve_flag_builds_a_bundle_spec(bundle: Path) -> None:
 
     parser = argparse.ArgumentParser()
     cli._serve_parser(parser.add_subparsers())
-    cfg = cli.build_config(parser.parse_args(["serve", "--bundle", str(bundle), "--name", "e", "--device", "cpu"]))
+    cfg = flags.server_config(parser.parse_args(["serve", "--bundle", str(bundle), "--name", "e", "--device", "cpu"]))
     (spec,) = cfg.models
     assert (spec.bundle, spec.name, spec.device) == (str(bundle), "e", "cpu")
     with pytest.raises(ValueError, match="--bundle"):
-        cli.build_config(parser.parse_args(["serve", "--bundle", str(bundle), "--model", "ViT-B-32"]))
+        flags.server_config(parser.parse_args(["serve", "--bundle", str(bundle), "--model", "ViT-B-32"]))

@@ -12,7 +12,7 @@ import torch
 from adaptclip.client import Client
 from adaptclip.client.client import classify_request
 from adaptclip.server.cache import SCHEMA, Cache, CorruptEntry, MemoryBackend, decode_entry, encode_entry
-from adaptclip.server.config import ModelSpec
+from adaptclip.compression.models import ModelSpec
 from adaptclip.v1 import classifier_pb2 as pb
 from conftest import LABELS, TINY_CONFIG, make_image, start_server
 from redis_server import RedisServer

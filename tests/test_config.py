@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from adaptclip.client.cli import build_config, main
+from adaptclip.client.cli import main
+from adaptclip.client.flags import server_config as build_config
 from adaptclip.server.config import load_config
 
 EXAMPLE = Path(__file__).parent.parent / "examples" / "server.yaml"

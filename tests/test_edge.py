@@ -19,7 +19,7 @@ from adaptclip.compression.bundle import BundleConfig, build_bundle
 from adaptclip.compression.edge import EdgeModel, preprocess_image
 from adaptclip.compression.export import QuantConfig, agreement, torch_embeddings
 from adaptclip.compression.spdfq import SynthesisConfig
-from adaptclip.server.models import HostedModel
+from adaptclip.compression.models import TorchModel
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -40,7 +40,7 @@ def photo(w: int, h: int, seed: int, mode: str = "RGB") -> Image.Image:
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory: pytest.TempPathFactory, hosted: HostedModel) -> Path:
+def bundle(tmp_path_factory: pytest.TempPathFactory, hosted: TorchModel) -> Path:
     out = tmp_path_factory.mktemp("edge") / "bundle"
     cfg = BundleConfig(calib="spdfq", n_calib=8, n_check=4, min_cosine=0.99, quant=QuantConfig(bits="w8a8"),
                        synthesis=SynthesisConfig(iters=5, progress=False))
@@ -72,15 +72,15 @@ def test_preprocessing_matches_open_clip(size: int, resize_mode: str) -> None:
             np.testing.assert_allclose(got, want, atol=1e-5)
 
 
-def test_edge_model_follows_torch(bundle: Path, hosted: HostedModel, image_files: list[Path]) -> None:
+def test_edge_model_follows_torch(bundle: Path, hosted: TorchModel, image_files: list[Path]) -> None:
     edge = EdgeModel(bundle)
     assert edge.name == hosted.name and edge.image_size == hosted.image_size and edge.label_set_names == ["default"]
     images = [Image.open(p) for p in image_files]
     pixels = np.stack([edge.preprocess(im) for im in images])
-    ref = torch_embeddings(hosted.model, torch.stack([hosted.preprocess(im) for im in images]))
+    ref = torch_embeddings(hosted.module, torch.stack([hosted.preprocess(im) for im in images]))
     feats = edge.encode_images(pixels)
     assert agreement(ref, feats, {}).cosine_mean > 0.99
-    classifier = hosted.build_classifier(LABELS, ("a photo of a {}.",))
+    classifier = hosted.classifier(LABELS, ("a photo of a {}.",))
     want_logits = hosted.logits(torch.from_numpy(ref / np.linalg.norm(ref, axis=-1, keepdims=True)), classifier).numpy()
     np.testing.assert_allclose(edge.logits(ref), want_logits, atol=1e-4)  # same formula as the server
     top = edge.classify(images, top_k=3)

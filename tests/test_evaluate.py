@@ -2,19 +2,22 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 from pathlib import Path
 
 import pytest
 import torch
 
-from adaptclip.adapt.evaluate import EvalPlan, evaluate, load_folder, views_used
-from adaptclip.adapt.methods import skips_views, view_chunks, views_agree
+from adaptclip.adapt.data import load_folder
+from adaptclip.adapt.evaluate import EvalPlan, Precomputed, Run, evaluate
+from adaptclip.adapt.loop import adapt_image, skips_views, view_chunks, views_agree
+from adaptclip.adapt.methods import MethodResult
 from adaptclip.adapt.metrics import classification_metrics, ranked_classes
 from adaptclip.adapt.settings import AdaptSettings
 from adaptclip.adapt.shifts import SHIFT_NAMES, SUITE, get_shift
 from adaptclip.client import cli_eval
-from adaptclip.server.models import load_model
+from adaptclip.compression.models import load_model
 from conftest import make_image
 
 CLASSES = ["cat", "dog", "car"]
@@ -86,6 +89,16 @@ def test_ranked_classes_tie_break() -> None:
     assert ranked_classes(votes, k=2) == [0, 2]
 
 
+def _views_used(s: AdaptSettings, view_logits: torch.Tensor) -> int:
+    """Views the served loop encodes before its chunked early stop, for views with these logits."""
+    async def run_method(settings, feats, patches):
+        return MethodResult(feats[0], feats[0], 0, True)
+
+    feats = view_logits / view_logits.norm(dim=-1, keepdim=True)  # unit rows: logits = 5 * feats @ I
+    out = asyncio.run(adapt_image(Precomputed(feats, None), s, torch.eye(2), 5.0, None, run_method))
+    return out.report.views_encoded
+
+
 def test_chunk_helpers_follow_the_server_loop() -> None:
     s = AdaptSettings(method="gs_bias", views=64, view_chunk=16)
     assert view_chunks(s) == [(1, 17), (17, 33), (33, 49), (49, 64)]
@@ -96,12 +109,12 @@ def test_chunk_helpers_follow_the_server_loop() -> None:
     # All views predict class 0. At ratio 0.1, 17 views select one view, which cannot "agree" on its
     # own; 33 views select three, which agree.
     agreeing = torch.tensor([[5.0, 0.0]]).repeat(64, 1)
-    assert views_used(s, agreeing) == 33
-    assert views_used(s.replace(selection_ratio=0.2), agreeing) == 17
-    assert views_used(s.replace(view_chunk=0), agreeing) == 64
+    assert _views_used(s, agreeing) == 33
+    assert _views_used(s.replace(selection_ratio=0.2), agreeing) == 17
+    assert _views_used(s.replace(view_chunk=0), agreeing) == 64
     # Views alternate their argmax and equal entropy: the selection never agrees, all views are used.
     split = torch.tensor([[5.0, 0.0], [0.0, 5.0]]).repeat(32, 1)
-    assert views_used(s.replace(selection_ratio=0.5), split) == 64
+    assert _views_used(s.replace(selection_ratio=0.5), split) == 64
 
 
 def test_one_selected_view_never_counts_as_agreement() -> None:
@@ -118,9 +131,9 @@ def _plan(**kw) -> EvalPlan:
 def test_evaluate_end_to_end(hosted, folder: Path) -> None:
     data = load_folder(folder)
     assert data.classes == tuple(sorted(CLASSES)) and len(data.paths) == 6
-    clf = hosted.build_classifier(data.classes, ("a photo of a {}.",))
+    clf = hosted.classifier(data.classes, ("a photo of a {}.",))
     records = evaluate(hosted, data, clf, AdaptSettings(views=4, crop_scale=(0.5, 1.0), augmix=False), _plan(),
-                       model="tiny", pretrained="ckpt")
+                       model_name="tiny", pretrained="ckpt")
     assert len(records) == 2 * 4
     for r in records:
         assert r["task"] == "zeroshot_classification" and r["dataset"] == folder.name
@@ -129,15 +142,15 @@ def test_evaluate_end_to_end(hosted, folder: Path) -> None:
         assert r["images"] == 6 and r["cost"]["per_image_ms"] > 0
         assert r["cost"]["views_encoded"] == (1 if r["method"] == "none" else 4)
     again = evaluate(hosted, data, clf, AdaptSettings(views=4, crop_scale=(0.5, 1.0), augmix=False), _plan(),
-                     model="tiny", pretrained="ckpt")
+                     model_name="tiny", pretrained="ckpt")
     assert [r["metrics"] for r in again] == [r["metrics"] for r in records]  # seeded views and shifts
 
 
 def test_skip_gate_extremes(hosted, folder: Path) -> None:
     data = load_folder(folder, limit_per_class=1)
-    clf = hosted.build_classifier(data.classes, ("a photo of a {}.",))
+    clf = hosted.classifier(data.classes, ("a photo of a {}.",))
     records = evaluate(hosted, data, clf, AdaptSettings(views=3), _plan(methods=("none", "gs_bias"),
-                       skip_entropies=(0.0, 1.0)), model="tiny", pretrained="ckpt")
+                       skip_entropies=(0.0, 1.0)), model_name="tiny", pretrained="ckpt")
     by = {(r["shift"], r["method"], r["adaptation"]["skip_entropy"]): r for r in records}
     for shift in ("clean", "gaussian_noise"):
         assert by[(shift, "gs_bias", 0.0)]["cost"]["skipped_fraction"] == 0.0
@@ -153,7 +166,7 @@ def test_cli_eval_writes_json(tiny_spec, folder: Path, tmp_path: Path) -> None:
     (tmp_path / "classes.txt").write_text("dog\ncat\ncar\n")
     out = tmp_path / "results.json"
     args = parser.parse_args(["eval", str(folder), "--model", tiny_spec.model, "--pretrained", tiny_spec.pretrained,
-                              "--device", "cpu", "--classes", str(tmp_path / "classes.txt"), "--tta", "none,zero",
+                              "--device", "cpu", "--labels-file", str(tmp_path / "classes.txt"), "--tta", "none,zero",
                               "--views", "3", "--shifts", "clean,jpeg", "--view-chunk", "0,1", "-o", str(out)])
     assert cli_eval.run(args) == 0
     records = json.loads(out.read_text())
@@ -169,22 +182,21 @@ def test_cli_eval_writes_json(tiny_spec, folder: Path, tmp_path: Path) -> None:
 @pytest.mark.parametrize(("method", "chunk"), [("zero", 3), ("gs_bias", 0), ("gs_bias", 3), ("tpt", 3)])
 def test_measured_is_served(server, client, folder: Path, method: str, chunk: int) -> None:
     """The engine's per-image answer and views encoded equal the gRPC service's for the same seed."""
-    from adaptclip.adapt.evaluate import _Run
     from adaptclip.v1 import classifier_pb2 as pb
 
     hosted = server.models[0]
     data = load_folder(folder)
     templates = ("a photo of a {}.",)
-    clf = hosted.build_classifier(data.classes, templates)
+    clf = hosted.classifier(data.classes, templates)
     base = AdaptSettings(views=8, seed=40, selection_ratio=0.5)  # 2 views selected after one chunk
-    run = _Run(hosted, data, clf, base, EvalPlan(methods=(method,), shifts=(get_shift("clean"),),
+    run = Run(hosted, data, clf, base, EvalPlan(methods=(method,), shifts=(get_shift("clean"),),
                                                  view_chunks=(chunk,), batch_images=4), None)
     for i, img in enumerate(run.shift(get_shift("clean"))):
         msg = pb.Adaptation(method=pb.Adaptation.Method.Value(method.upper()), views=8, seed=40 + i, view_chunk=chunk,
                            selection_ratio=0.5)
         resp = client.classify(data.paths[i], labels=list(data.classes), templates=list(templates),
                                adaptation=msg, top_k=3)
-        out = img.outcomes[(method, chunk)]
+        out = img.scored[run.settings[0]]
         assert resp.adaptation.views_encoded == out.views
         assert resp.zero_shot_top[0].label == data.classes[img.zero_shot[0]]
         assert resp.top[0].label == data.classes[out.top[0]]

@@ -15,7 +15,7 @@ from adaptclip.compression.bundle import BundleConfig, build_bundle
 from adaptclip.compression.export import (ExportError, QuantConfig, agreement, export_image_tower, quantize,
                                           run_onnx, session, torch_embeddings)
 from adaptclip.compression.spdfq import SynthesisConfig
-from adaptclip.server.models import HostedModel
+from adaptclip.compression.models import TorchModel
 from conftest import TINY_CONFIG
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -32,17 +32,17 @@ def quick(calib: str = "spdfq", bits: str = "w8a8", min_cosine: float = MIN_COSI
                         synthesis=SynthesisConfig(iters=10, progress=False))
 
 
-def test_export_matches_torch_with_dynamic_batch(tmp_path: Path, hosted: HostedModel) -> None:
-    path = export_image_tower(hosted.model, tmp_path / "m.onnx", hosted.image_size)
+def test_export_matches_torch_with_dynamic_batch(tmp_path: Path, hosted: TorchModel) -> None:
+    path = export_image_tower(hosted.module, tmp_path / "m.onnx", hosted.image_size)
     model = onnx.load(str(path))
     onnx.checker.check_model(model)
     assert model.opset_import[0].version >= 17
     assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
     x = torch.randn(5, 3, hosted.image_size, hosted.image_size)
-    np.testing.assert_allclose(run_onnx(session(path), x.numpy()), torch_embeddings(hosted.model, x), atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(run_onnx(session(path), x.numpy()), torch_embeddings(hosted.module, x), atol=1e-4, rtol=1e-4)
 
 
-def test_w8a8_bundle_agrees_with_fp32(tmp_path: Path, hosted: HostedModel) -> None:
+def test_w8a8_bundle_agrees_with_fp32(tmp_path: Path, hosted: TorchModel) -> None:
     out = tmp_path / "bundle"
     manifest = build_bundle(hosted, LABEL_SETS, out, quick())
     assert json.loads((out / "manifest.json").read_text()) == json.loads(json.dumps(manifest))
@@ -63,14 +63,14 @@ def test_w8a8_bundle_agrees_with_fp32(tmp_path: Path, hosted: HostedModel) -> No
         saved = json.loads((out / "label_sets" / f"{name}.json").read_text())
         assert saved == {"labels": list(labels), "templates": list(templates)}
         np.testing.assert_allclose(np.load(out / "label_sets" / f"{name}.npy"),
-                                   hosted.build_classifier(labels, templates).numpy(), atol=1e-6)
+                                   hosted.classifier(labels, templates).numpy(), atol=1e-6)
     # Independent check on fresh images: the bundle's model against torch fp32.
     x = torch.randn(8, 3, hosted.image_size, hosted.image_size, generator=torch.Generator().manual_seed(9))
-    got = agreement(torch_embeddings(hosted.model, x), run_onnx(session(out / "model.onnx"), x.numpy()), {})
+    got = agreement(torch_embeddings(hosted.module, x), run_onnx(session(out / "model.onnx"), x.numpy()), {})
     assert got.cosine_mean >= MIN_COSINE_W8A8
 
 
-def test_w4a8_has_int4_weights(tmp_path: Path, hosted: HostedModel) -> None:
+def test_w4a8_has_int4_weights(tmp_path: Path, hosted: TorchModel) -> None:
     manifest = build_bundle(hosted, LABEL_SETS, tmp_path / "b4", quick("gaussian", "w4a8", min_cosine=0.9))
     model = onnx.load(str(tmp_path / "b4" / "model.onnx"))
     assert any(t.data_type == onnx.TensorProto.INT4 for t in model.graph.initializer)
@@ -78,8 +78,8 @@ def test_w4a8_has_int4_weights(tmp_path: Path, hosted: HostedModel) -> None:
     assert "synthesis" not in manifest["quantization"]
 
 
-def test_w4a4_runs_simulated(tmp_path: Path, hosted: HostedModel) -> None:
-    fp32 = export_image_tower(hosted.model, tmp_path / "f.onnx", hosted.image_size)
+def test_w4a4_runs_simulated(tmp_path: Path, hosted: TorchModel) -> None:
+    fp32 = export_image_tower(hosted.module, tmp_path / "f.onnx", hosted.image_size)
     calib = torch.randn(8, 3, hosted.image_size, hosted.image_size, generator=torch.Generator().manual_seed(1))
     path = quantize(fp32, tmp_path / "a4.onnx", calib.numpy(), QuantConfig(bits="w4a4"))
     model = onnx.load(str(path))
@@ -87,7 +87,7 @@ def test_w4a4_runs_simulated(tmp_path: Path, hosted: HostedModel) -> None:
                                                                 if t.data_type == onnx.TensorProto.UINT4}
                for n in model.graph.node), "activations quantised to uint4"
     x = torch.randn(6, 3, hosted.image_size, hosted.image_size, generator=torch.Generator().manual_seed(2))
-    got = agreement(torch_embeddings(hosted.model, x), run_onnx(session(path, optimize=False), x.numpy()), {})
+    got = agreement(torch_embeddings(hosted.module, x), run_onnx(session(path, optimize=False), x.numpy()), {})
     assert 0.8 < got.cosine_mean < 0.9999
 
 
@@ -101,9 +101,9 @@ def _weight_ranges(path: Path) -> dict[int, int]:
 
 
 @pytest.mark.parametrize("reduce_range", [True, False])
-def test_int8_weights_use_7_bits_unless_asked(tmp_path: Path, hosted: HostedModel, reduce_range: bool) -> None:
+def test_int8_weights_use_7_bits_unless_asked(tmp_path: Path, hosted: TorchModel, reduce_range: bool) -> None:
     """7-bit int8 weights by default (non-VNNI x86 CPUs overflow on 8); int4 weights keep their range."""
-    fp32 = export_image_tower(hosted.model, tmp_path / "f.onnx", hosted.image_size)
+    fp32 = export_image_tower(hosted.module, tmp_path / "f.onnx", hosted.image_size)
     calib = torch.randn(8, 3, hosted.image_size, hosted.image_size, generator=torch.Generator().manual_seed(1)).numpy()
     w8 = _weight_ranges(quantize(fp32, tmp_path / "w8.onnx", calib, QuantConfig(bits="w8a8", reduce_range=reduce_range)))
     assert w8[onnx.TensorProto.INT8] == (64 if reduce_range else 127)
@@ -111,14 +111,14 @@ def test_int8_weights_use_7_bits_unless_asked(tmp_path: Path, hosted: HostedMode
     assert w4[onnx.TensorProto.INT4] in (7, 8)
 
 
-def test_threshold_failure_is_clear_and_writes_nothing(tmp_path: Path, hosted: HostedModel) -> None:
+def test_threshold_failure_is_clear_and_writes_nothing(tmp_path: Path, hosted: TorchModel) -> None:
     out = tmp_path / "refused"
     with pytest.raises(ExportError, match=r"below the threshold 1\.01"):
         build_bundle(hosted, LABEL_SETS, out, quick("gaussian", min_cosine=1.01))
     assert not out.exists()
 
 
-def test_bad_options_are_rejected(tmp_path: Path, hosted: HostedModel) -> None:
+def test_bad_options_are_rejected(tmp_path: Path, hosted: TorchModel) -> None:
     with pytest.raises(ValueError, match="bits must be one of"):
         build_bundle(hosted, LABEL_SETS, tmp_path / "x", quick(bits="w2a2"))
     with pytest.raises(ValueError, match="no onnxruntime kernels"):

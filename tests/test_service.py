@@ -12,7 +12,7 @@ from adaptclip.client import Client
 from adaptclip.client.client import classify_request
 from adaptclip.server.app import App
 from adaptclip.server.config import ServerConfig
-from adaptclip.server.models import load_model
+from adaptclip.compression.models import load_model
 from adaptclip.v1 import classifier_pb2 as pb
 from conftest import LABELS, ServerThread, make_image
 

@@ -9,10 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from adaptclip.compression.spdfq import (AttentionRecorder, Synthesiser, SynthesisConfig, cls_attention,
+from adaptclip.compression.spdfq import (AttentionRecorder, Synthesiser, SynthesisConfig, cls_patch_attention,
                                          crop_regions, gaussian_images, gaussian_mixture_priors, later_half,
                                          real_images, sample_regions, soft_cross_entropy, soft_labels, total_variation)
-from adaptclip.server.models import HostedModel
+from adaptclip.compression.models import TorchModel
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -20,13 +20,13 @@ LABELS = ("cat", "dog", "car", "tree", "boat")
 
 
 @pytest.fixture(scope="module")
-def classifier(hosted: HostedModel) -> torch.Tensor:
-    return hosted.build_classifier(LABELS, ("a photo of a {}.",))
+def classifier(hosted: TorchModel) -> torch.Tensor:
+    return hosted.classifier(LABELS, ("a photo of a {}.",))
 
 
-def synthesiser(hosted: HostedModel, classifier: torch.Tensor, **kw) -> Synthesiser:
+def synthesiser(hosted: TorchModel, classifier: torch.Tensor, **kw) -> Synthesiser:
     cfg = SynthesisConfig(**{"n": 4, "iters": 30, "progress": False, **kw})
-    return Synthesiser(hosted.model, classifier, hosted.logit_scale, hosted.mean, hosted.std, hosted.image_size, cfg)
+    return Synthesiser(hosted.module, classifier, hosted.logit_scale, hosted.mean, hosted.std, hosted.image_size, cfg)
 
 
 def test_priors_are_normalised_mixtures_one_per_head() -> None:
@@ -42,19 +42,19 @@ def test_priors_are_normalised_mixtures_one_per_head() -> None:
     assert one[peak] > one[(peak[0] + 3) % 6, (peak[1] + 3) % 6], "one component: highest at its mean"
 
 
-def test_cls_attention_matches_torch_attention_weights(hosted: HostedModel) -> None:
-    block = hosted.model.visual.transformer.resblocks[-1]
+def test_cls_attention_matches_torch_attention_weights(hosted: TorchModel) -> None:
+    block = hosted.module.visual.transformer.resblocks[-1]
     assert block.attn.batch_first
     x = torch.randn(2, 17, block.attn.embed_dim)
     with torch.no_grad():
         _, w = block.attn(x, x, x, need_weights=True, average_attn_weights=False)
         want = w[:, :, 0, 1:] / w[:, :, 0, 1:].sum(-1, keepdim=True)
-        got = cls_attention(block, x)
+        got = cls_patch_attention(block, x)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
 
 
-def test_recorder_hooks_the_later_half(hosted: HostedModel) -> None:
-    visual = hosted.model.visual
+def test_recorder_hooks_the_later_half(hosted: TorchModel) -> None:
+    visual = hosted.module.visual
     layers = later_half(len(visual.transformer.resblocks))
     assert layers == [1]  # the tiny model has 2 blocks
     rec = AttentionRecorder(visual, layers)
@@ -111,7 +111,7 @@ def test_total_variation_prefers_smooth_images() -> None:
     assert total_variation(noise) > total_variation(noise * 0.1) > 0
 
 
-def test_synthesis_lowers_every_term(hosted: HostedModel, classifier: torch.Tensor) -> None:
+def test_synthesis_lowers_every_term(hosted: TorchModel, classifier: torch.Tensor) -> None:
     syn = synthesiser(hosted, classifier)
     images, history = syn.run()
     assert images.shape == (4, 3, hosted.image_size, hosted.image_size)
@@ -126,13 +126,13 @@ def test_synthesis_lowers_every_term(hosted: HostedModel, classifier: torch.Tens
     assert not torch.allclose(images, other)
 
 
-def test_apa_weight_pulls_attention_towards_priors(hosted: HostedModel, classifier: torch.Tensor) -> None:
+def test_apa_weight_pulls_attention_towards_priors(hosted: TorchModel, classifier: torch.Tensor) -> None:
     with_apa = synthesiser(hosted, classifier, iters=20, apa_weight=5.0).run()[1]
     without = synthesiser(hosted, classifier, iters=20, apa_weight=0.0).run()[1]
     assert with_apa[-1]["apa"] < without[-1]["apa"]
 
 
-def test_baselines(tmp_path: Path, hosted: HostedModel) -> None:
+def test_baselines(tmp_path: Path, hosted: TorchModel) -> None:
     g = gaussian_images(5, 32, seed=2)
     assert g.shape == (5, 3, 32, 32) and torch.equal(g, gaussian_images(5, 32, seed=2))
     assert abs(float(g.std()) - 1) < 0.1

@@ -8,8 +8,8 @@ import open_clip
 import pytest
 import torch
 
-from adaptclip.adapt.features import image_features
-from adaptclip.compression.tokens import TokenCompressor, cls_attention, kept_count, reduce_tokens
+from adaptclip.compression.models import image_features
+from adaptclip.compression.tokens import TokenCompressor, UnsupportedTower, cls_attention, kept_count, reduce_tokens
 
 # 32 px, patch 4 -> 64 patches, 4 blocks of 4 heads: default reductions inside blocks 1, 2, 3.
 CFG = {"embed_dim": 32,
@@ -173,7 +173,7 @@ def test_sequence_first_transformer_gives_the_same_result(model, images):
 
 @torch.no_grad()
 def test_features_serve_one_keep_rate_group(model, images):
-    """`features` is what HostedModel.encode_images calls for a batch of one keep rate."""
+    """`features` is what TorchModel.encode_images calls for a batch of one keep rate."""
     compressor = TokenCompressor(model)
     pooled, patches = compressor.features(images, True, 0.5)
     out = compressor.encode(images, 0.5, with_patches=True)
@@ -200,5 +200,40 @@ def test_invalid_configuration_and_towers_are_refused(model):
     with pytest.raises(ValueError, match="VisionTransformer"):
         TokenCompressor(open_clip.CLIP(**resnet_cfg))
     custom_cfg = dict(CFG, vision_cfg=dict(CFG["vision_cfg"], qk_norm=True))
-    with pytest.raises(ValueError, match="ResidualAttentionBlock"):
+    with pytest.raises(UnsupportedTower, match="QK-normalised") as err:
         TokenCompressor(open_clip.CLIP(**custom_cfg))
+    assert err.value.vit  # a ViT it cannot run: callers must say so, not serve without compression
+
+
+@torch.no_grad()
+def test_open_clip_attention_blocks_are_supported(images):
+    """ViTs built from open_clip's own Attention class (block_type CustomResidualAttentionBlock) compress too:
+    keep 1 is the plain model, and the explicit CLS row matches softmax(q k^T / sqrt(d)) of that class."""
+    torch.manual_seed(0)
+    custom = open_clip.CLIP(**dict(CFG, vision_cfg=dict(CFG["vision_cfg"], block_type="CustomResidualAttentionBlock")))
+    custom.eval()
+    comp = TokenCompressor(custom)
+    assert torch.allclose(comp.encode(images, 1.0).pooled, custom.encode_image(images), atol=1e-5)
+    x = custom.visual._embeds(images)
+    block = custom.visual.transformer.resblocks[0]
+    y = block.ln_1(x)
+    q, k, _ = torch.nn.functional.linear(y, block.attn.in_proj_weight, block.attn.in_proj_bias).chunk(3, dim=-1)
+    heads = block.attn.num_heads
+    q = q.view(4, -1, heads, 16).transpose(1, 2)
+    k = k.view(4, -1, heads, 16).transpose(1, 2)
+    ref = (q[:, :, :1] @ k.transpose(-1, -2) / 4.0).softmax(-1)[:, :, 0].mean(1)
+    torch.testing.assert_close(cls_attention(block, y), ref, rtol=1e-5, atol=1e-6)
+    out = comp.encode(images, 0.5, with_patches=True)
+    assert out.kept == (32, 16, 8) and out.patches.shape == (4, 8, 32)
+
+
+def test_a_changed_block_fails_loudly_at_construction(model):
+    """A block whose forward is not ln_1 -> attention -> ls_1, ln_2 -> mlp -> ls_2 (here: an extra scale on its
+    output, as a changed open_clip could add) is caught by the construction probe."""
+    odd = copy.deepcopy(model)
+    block = odd.visual.transformer.resblocks[0]
+    plain_forward = block.forward
+    block.forward = lambda *a, **kw: 2.0 * plain_forward(*a, **kw)
+    with pytest.raises(UnsupportedTower, match="does not reproduce") as err:
+        TokenCompressor(odd)
+    assert err.value.vit

@@ -6,7 +6,7 @@ import pytest
 
 from adaptclip.client import Client
 from adaptclip.client.client import classify_request
-from adaptclip.server.config import ModelSpec
+from adaptclip.compression.models import ModelSpec
 from adaptclip.v1 import classifier_pb2 as pb
 from conftest import LABELS, TINY_CONFIG, make_image, start_server
 
@@ -56,7 +56,7 @@ def test_invalid_keep_rate(compressed, value):
 
 
 def test_serve_refuses_bad_keep_rate(tiny_checkpoint):
-    from adaptclip.server.models import ModelLoadError, load_model
+    from adaptclip.compression.models import ModelLoadError, load_model
 
     with pytest.raises(ModelLoadError, match="keep_rate"):
         load_model(ModelSpec(model=str(TINY_CONFIG), pretrained=str(tiny_checkpoint), device="cpu", keep_rate=0.0))
@@ -78,3 +78,30 @@ def test_classify_cli_keep_rate(compressed, tmp_path):
         out.append(json.loads(proc.stdout)["top"][0]["logit"])
     with Client(compressed.target) as c:
         assert out == pytest.approx([_call(c, 1.0, img=5).top[0].logit, _call(c, 0.5, img=5).top[0].logit], abs=1e-5)
+
+
+def test_a_vit_the_compressor_does_not_know_fails_at_load_not_silently(tmp_path):
+    """A ViT tower whose attention the compressor cannot run (QK-normalised) is refused at load with the way
+    out in the message; `token_compression: false` serves it, reported as unavailable."""
+    import json
+
+    import open_clip
+    import torch
+
+    from adaptclip.compression.models import ModelLoadError, load_model
+
+    cfg = json.loads(TINY_CONFIG.read_text())
+    cfg["vision_cfg"]["qk_norm"] = True
+    path = tmp_path / "tiny-qknorm.json"
+    path.write_text(json.dumps(cfg))
+    open_clip.add_model_config(path)
+    ckpt = tmp_path / "w.pt"
+    torch.save(open_clip.create_model("tiny-qknorm").state_dict(), ckpt)
+    spec = ModelSpec(model=str(path), pretrained=str(ckpt), device="cpu")
+    with pytest.raises(ModelLoadError, match="token_compression: false"):
+        load_model(spec)
+    spec.token_compression = False
+    model = load_model(spec)
+    assert model.compressor is None
+    with pytest.raises(ValueError, match="token_keep_rate"):
+        model.check_keep_rate(0.5, "token_keep_rate")

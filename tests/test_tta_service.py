@@ -8,7 +8,7 @@ import pytest
 
 from adaptclip.client import Client
 from adaptclip.client.client import classify_request
-from adaptclip.server.config import ModelSpec
+from adaptclip.compression.models import ModelSpec
 from adaptclip.v1 import classifier_pb2 as pb
 from conftest import LABELS, make_image, start_server
 

@@ -1,0 +1,115 @@
+"""One image's way through the service: features from the cache or the encoder batcher, then the adaptive loop.
+
+`ImageViews` is the server's view source for `adapt.loop.adapt_image`: it decodes and renders only when
+something is missing, submits views to the shared encoder batcher in pieces of at most a batch, and
+hands the cache what it computed. The loop itself (gate, chunks, early stop, method) is the one the
+accuracy harness runs.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import time
+from collections.abc import Awaitable, Callable
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from adaptclip.adapt.loop import Outcome, adapt_image
+from adaptclip.adapt.methods import MethodResult, adapt_views
+from adaptclip.adapt.settings import AdaptSettings
+from adaptclip.adapt.views import render_views
+from adaptclip.server.hosting import Hosted
+
+Decode = Callable[[], Awaitable[tuple[Image.Image, Tensor]]]
+
+
+class ImageViews:
+    """One image's view features: from the cache when there, decoding and encoding only what is missing."""
+
+    def __init__(self, hosted: Hosted, s: AdaptSettings, decode: Decode, timeout_s: float | None,
+                 pool: concurrent.futures.Executor, cached: tuple[dict[str, np.ndarray], dict] | None = None,
+                 keep_rate: float = 1.0) -> None:
+        self.hosted, self.s, self._decode, self.timeout_s, self.pool = hosted, s, decode, timeout_s, pool
+        self.keep_rate = keep_rate
+        self.feats: Tensor | None = None  # [n, D], view 0 first
+        self.patches: Tensor | None = None  # [P, D] of view 0
+        self.from_cache = cached is not None
+        if cached is not None:
+            arrays, _ = cached
+            self.feats = torch.cat([torch.from_numpy(arrays["view0"].copy()),
+                                    torch.from_numpy(arrays["views"].astype(np.float32))])
+            if "patches" in arrays:
+                self.patches = torch.from_numpy(arrays["patches"].astype(np.float32))
+        self._img: Image.Image | None = None
+        self._view0: Tensor | None = None
+        self._rendered: Tensor | None = None
+        self.dirty = False
+        self.decode_us = self.queue_us = self.encode_us = 0
+
+    async def _decoded(self) -> tuple[Image.Image, Tensor]:
+        if self._img is None:
+            start = time.perf_counter()
+            self._img, self._view0 = await self._decode()
+            self.decode_us = int((time.perf_counter() - start) * 1e6)
+        return self._img, self._view0
+
+    async def original(self, with_patches: bool) -> tuple[Tensor, Tensor | None]:
+        """View 0's features [D] (and patches when asked and available), encoding it if needed."""
+        want = with_patches and self.hosted.model.has_patches
+        if self.feats is None or (want and self.patches is None):
+            _, view0 = await self._decoded()
+            r = await self.hosted.batcher.submit(view0.unsqueeze(0), self.timeout_s, with_patches=want,
+                                                 keep_rate=self.keep_rate)
+            self.queue_us += r.queue_us
+            self.encode_us += r.encode_us
+            if self.feats is None:
+                self.feats = r.features
+            if r.patches is not None:
+                self.patches = r.patches[0]
+            self.dirty = True
+        return self.feats[0], self.patches if want else None
+
+    async def first(self, n: int) -> Tensor:
+        """Features [n, D] of views 0..n-1, rendering the views and encoding the missing ones."""
+        have = self.feats.shape[0]
+        if have < n:
+            if self._rendered is None:
+                img, view0 = await self._decoded()
+                loop = asyncio.get_running_loop()
+                self._rendered = await loop.run_in_executor(self.pool, render_views, self.hosted.model, img, view0,
+                                                            self.s)
+            part = self._rendered[have:n]
+            step = self.hosted.batcher.max_batch
+            results = await asyncio.gather(*(self.hosted.batcher.submit(part[i:i + step], self.timeout_s,
+                                                                        keep_rate=self.keep_rate)
+                                             for i in range(0, part.shape[0], step)))
+            self.queue_us += max(r.queue_us for r in results)
+            self.encode_us += sum(r.encode_us for r in results)
+            self.feats = torch.cat([self.feats, *(r.features for r in results)])
+            self.dirty = True
+        return self.feats[:n]
+
+    def entry(self) -> dict[str, np.ndarray]:
+        """The cache entry: view 0 in fp32, the augmented views and the patches in fp16."""
+        arrays = {"view0": self.feats[:1].numpy(), "views": self.feats[1:].half().numpy()}
+        if self.patches is not None:
+            arrays["patches"] = self.patches.half().numpy()
+        return arrays
+
+
+async def classify_image(hosted: Hosted, views: ImageViews, classifier: Tensor, labels: tuple[str, ...],
+                         s: AdaptSettings, pool: concurrent.futures.Executor) -> Outcome:
+    """The adaptive loop on one image; GS-Bias and ZERO on the worker pool, TPT on the model's text thread."""
+    model = hosted.model
+
+    async def run_method(settings: AdaptSettings, feats: Tensor, patches: Tensor | None) -> MethodResult:
+        if settings.method == "tpt":
+            text = model.text.prompt_side(labels)
+            return await hosted.run_text(adapt_views, settings, feats, None, classifier, model.logit_scale, text)
+        return await asyncio.get_running_loop().run_in_executor(
+            pool, adapt_views, settings, feats, patches, classifier, model.logit_scale)
+
+    return await adapt_image(views, s, classifier, model.logit_scale, model.logit_bias, run_method)
