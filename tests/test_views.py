@@ -135,3 +135,43 @@ def test_invalid_constructor_arguments(kwargs, name):
 def test_invalid_call_arguments(call, name):
     with pytest.raises(ValueError, match=name):
         call(ViewGenerator(SIZE, MEAN, STD), _images(), _base(3))
+
+
+def _params(n: int, *, flip: bool = False, op: str = "solarize", blend: float = 0.0,
+            weights: tuple[float, float, float] = (1.0, 0.0, 0.0)):
+    """Hand-made draws: whole-image boxes, one op per chain at full severity."""
+    from adaptclip.adapt.views import _OP_NAMES, _Params
+
+    return _Params(boxes=[(0, 0, SIZE, SIZE)] * n, flip=torch.full((n,), flip), mix_weights=torch.tensor([weights] * n),
+                   blend=torch.full((n,), blend), depth=torch.ones(n, 3, dtype=torch.long),
+                   ops=torch.full((n, 3, 3), _OP_NAMES.index(op)), levels=torch.full((n, 3, 3), 10.0),
+                   signs=torch.ones(n, 3, 3))
+
+
+def test_augmix_applies_its_ops_and_mixes_them_with_the_crop():
+    """Solarize at full severity (threshold 0) inverts every pixel: a chain of it, weighted 1 and blended 0,
+    gives 1 - crop; blend 1 gives the crop; blend 0.25 the affine mix. Without AugMix none of this happens."""
+    image = torch.rand(3, SIZE, SIZE, generator=torch.Generator().manual_seed(3))
+    plain = ViewGenerator(SIZE, MEAN, STD, augmix=False)._augment(image, _params(2))
+    gen = ViewGenerator(SIZE, MEAN, STD, augmix=True)
+    torch.testing.assert_close(gen._augment(image, _params(2)), 1.0 - plain)
+    torch.testing.assert_close(gen._augment(image, _params(2, blend=1.0)), plain)
+    torch.testing.assert_close(gen._augment(image, _params(2, blend=0.25)), 0.25 * plain + 0.75 * (1.0 - plain))
+    # Seeded AugMix views differ from the same seed's plain crops (same boxes and flips: drawn first).
+    aug = gen(_images(), _base(3), 9, seed=4)
+    crops = ViewGenerator(SIZE, MEAN, STD, augmix=False)(_images(), _base(3), 9, seed=4)
+    assert ((aug[:, 1:] - crops[:, 1:]).abs().flatten(2).mean(-1) > 1e-3).float().mean() > 0.9
+
+
+def test_flipped_views_are_mirror_images_of_their_crops():
+    """Each view is its drawn box resized, mirrored exactly when its flip draw says so."""
+    gen = ViewGenerator(SIZE, MEAN, STD, augmix=False)
+    image = _images()[0]
+    params = gen._sample(torch.Generator().manual_seed(11), 16, image.shape[-2], image.shape[-1])
+    assert params.flip.any() and not params.flip.all()
+    views = gen._augment(image, params)
+    for v, (top, left, h, w) in enumerate(params.boxes):
+        crop = F.interpolate(image[None, :, top:top + h, left:left + w], size=(SIZE, SIZE), mode="bicubic",
+                             align_corners=False, antialias=True).clamp(0, 1)[0]
+        want = crop.flip(-1) if params.flip[v] else crop
+        torch.testing.assert_close(views[v], want)
