@@ -1,9 +1,10 @@
 """Crop + resize + flip + normalise every augmented view of a batch of images in one launch.
 
 Why: `ViewGenerator` (adaptclip.adapt.views) renders its crops with one antialiased
-`F.interpolate` call per view, then a clamp, a flip and a normalisation pass, each over all
-views: about 4 launches per view on the GPU and 3 extra passes over the output. This kernel reads
-each source pixel tap straight from the original image and writes each output pixel once.
+`F.interpolate` launch per view, then concatenates, clamps, flips, normalises and casts them,
+each a pass over every view. This kernel reads each source pixel tap straight from the original
+image (uint8 or float, CHW or HWC) and writes each output pixel once, for all views of all
+images of a batch in one launch.
 
 Reference (the kernel must equal it): `render_views_torch` below, which is exactly the crop stage
 of `ViewGenerator._augment` (augmix=False) plus the normalisation of `ViewGenerator.__call__`:
@@ -16,11 +17,12 @@ center = scale * (i + 0.5), support = (1 for bilinear, 2 for bicubic) * max(scal
 [max(int(center - support + 0.5), 0), min(int(center + support + 0.5), in)) with weight
 filter((j - center + 0.5) / max(scale, 1)), normalised to sum to 1 (left as is when the sum is
 0); bicubic is Keys' cubic with a = -0.5, bilinear the triangle. The 2-D sum is computed
-directly (vertical taps in a loop, horizontal taps as a [BLOCK_X, TAPS] tile), in fp32.
+directly in fp32: per vertical tap a [BLOCK_Y, BLOCK_X, TAPS_X] gather of source pixels.
 
 Limits: boxes must lie inside their image (ValueError otherwise); every image of a call has the
-same dtype and the same number of views; the random draws (boxes, flips) come from the caller
-(ViewGenerator's seeded sampler), the kernel draws nothing; no AugMix.
+same dtype, device and number of views; the random draws (boxes, flips) come from the caller
+(ViewGenerator's seeded sampler), the kernel draws nothing; no AugMix. CUDA tensors, or CPU
+tensors under TRITON_INTERPRET=1 (see adaptclip.kernels._common).
 """
 from __future__ import annotations
 
@@ -77,12 +79,12 @@ def _views_kernel(src, meta, out, S, n_yblocks, n_xblocks, mean0, mean1, mean2, 
     yblock = (pid // n_xblocks) % n_yblocks
     view = (pid // n_xblocks) // n_yblocks
     m = meta + view.to(tl.int64) * 9
-    base = tl.load(m)
-    stride_c = tl.load(m + 1)
-    stride_y = tl.load(m + 2)
-    stride_x = tl.load(m + 3)
-    top = tl.load(m + 4)
-    left = tl.load(m + 5)
+    image = src + tl.load(m)  # offsets inside one image fit in int32
+    stride_c = tl.load(m + 1).to(tl.int32)
+    stride_y = tl.load(m + 2).to(tl.int32)
+    stride_x = tl.load(m + 3).to(tl.int32)
+    top = tl.load(m + 4).to(tl.int32)
+    left = tl.load(m + 5).to(tl.int32)
     height = tl.load(m + 6).to(tl.int32)
     width = tl.load(m + 7).to(tl.int32)
     flip = tl.load(m + 8)
@@ -100,7 +102,7 @@ def _views_kernel(src, meta, out, S, n_yblocks, n_xblocks, mean0, mean1, mean2, 
     wx = tl.where(valid_x, _filter((tap.to(tl.float32) - cx[:, None] + 0.5) * inv_x, BICUBIC), 0.0)
     total_x = tl.sum(wx, axis=1)
     wx = wx / tl.where(total_x != 0.0, total_x, 1.0)[:, None]
-    col_offsets = base + (left + tap) * stride_x
+    col_offsets = (left + tap) * stride_x
 
     # Vertical weights of the tile's rows: [BLOCK_Y, TAPS_Y], normalised per row.
     scale_y, support_y, inv_y = _axis(height, S, half_taps)
@@ -121,7 +123,7 @@ def _views_kernel(src, meta, out, S, n_yblocks, n_xblocks, mean0, mean1, mean2, 
     acc2 = tl.zeros((BLOCK_Y, BLOCK_X, TAPS_X), tl.float32)
     for i in range(0, tl.max(ysize, axis=0)):
         wy = tl.gather(wy_all, tl.full((BLOCK_Y, 1), i, tl.int32), axis=1)
-        ptr = src + ((top + ymin + i) * stride_y)[:, None, None] + col_offsets[None, :, :]
+        ptr = image + ((top + ymin + i) * stride_y)[:, None, None] + col_offsets[None, :, :]
         mask = (i < ysize)[:, None, None] & valid_x[None, :, :]
         w2 = wy[:, :, None] * wx[None, :, :]
         acc0 += w2 * tl.load(ptr, mask=mask, other=0).to(tl.float32)
@@ -144,7 +146,8 @@ def _max_taps(n_in: int, size: int, half: int) -> int:
 def _chw_shape(image: Tensor) -> tuple[int, int, bool]:
     """(H, W, channels_last) of a float [3, H, W] or uint8 [3, H, W] / [H, W, 3] image.
 
-    A uint8 tensor with 3 leading entries is read as [3, H, W]; pass an [3, W, 3] HWC image as CHW.
+    A uint8 tensor with 3 leading entries is read as [3, H, W]: pass an HWC image 3 rows high
+    ([3, W, 3]) permuted to [3, 3, W].
     """
     if image.ndim == 3 and image.shape[0] == 3 and (image.is_floating_point() or image.dtype == torch.uint8):
         return image.shape[1], image.shape[2], False
@@ -228,7 +231,8 @@ def render_views(images: Sequence[Tensor], boxes: Tensor | Sequence, flips: Tens
         offset += image.numel()
     layout = torch.tensor(rows, dtype=torch.int64).unsqueeze(1).expand(-1, n_views, -1)
     meta = torch.cat([layout, boxes, flips.long().unsqueeze(-1)], dim=-1).reshape(-1, _META).to(device)
-    src = torch.cat([image.contiguous().reshape(-1) for image in images])
+    flat = [image.contiguous().reshape(-1) for image in images]
+    src = flat[0] if len(flat) == 1 else torch.cat(flat)  # one image: no copy
     out = torch.empty(n_images, n_views, 3, size, size, device=device, dtype=dtype)
 
     half = 2 if mode == "bicubic" else 1
@@ -238,5 +242,5 @@ def render_views(images: Sequence[Tensor], boxes: Tensor | Sequence, flips: Tens
     grid = (n_images * n_views * n_yblocks * n_xblocks,)
     _views_kernel[grid](src, meta, out, size, n_yblocks, n_xblocks, *map(float, mean), *map(float, std),
                         1.0 / 255 if src.dtype == torch.uint8 else 1.0, BICUBIC=mode == "bicubic",
-                        BLOCK_Y=block_y, BLOCK_X=block_x, TAPS_X=taps_x, TAPS_Y=taps_y)
+                        BLOCK_Y=block_y, BLOCK_X=block_x, TAPS_X=taps_x, TAPS_Y=taps_y, num_warps=8)
     return out

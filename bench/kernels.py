@@ -1,0 +1,200 @@
+"""Triton kernels against their torch references: time, speed-up, and (views) memory throughput.
+
+On CUDA each op is checked against its reference (max abs difference), then both are timed with
+triton.testing.do_bench (median ms) in the same run, and one table is printed with the GPU name:
+
+- views: 64 views at 224 px from one 500 x 375 photo (bicubic, fp16 out), target >= 5x;
+  achieved GB/s counts the bytes a perfect kernel moves (the photo once, every view once) and
+  is compared with the GPU's memory bandwidth.
+- gsbias: 16 images x 64 views x 1,000 classes, D = 512, P = 196, K = 16, official settings,
+  fp32 and fp16 features, target >= 10x.
+- tokens: one ViT-B-16 reduction stage, 64 images x 197 tokens x 768, keep 0.7, fused, target >= 2x.
+
+Without CUDA it only says so; `--smoke` instead runs each kernel once on tiny inputs in Triton's
+CPU interpreter (it sets TRITON_INTERPRET=1 before importing the kernels) and checks it against
+the reference, which is a correctness check, not a timing.
+
+    .venv/bin/python bench/kernels.py                    # on a CUDA machine
+    .venv/bin/python bench/kernels.py --ops views --peak-gbs 4800
+    .venv/bin/python bench/kernels.py --smoke            # anywhere
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+OPS = ("views", "gsbias", "tokens")
+TARGETS = {"views": 5.0, "gsbias": 10.0, "tokens": 2.0}
+DEFAULT_PEAK_GBS = 4800.0  # H200 HBM3e, when the device properties do not say
+
+
+@dataclass
+class Case:
+    """One comparison: both callables, the target speed-up and the bytes a perfect kernel moves."""
+
+    op: str
+    shape: str
+    kernel: Callable[[], object]
+    torch_ref: Callable[[], object]
+    target: float
+    min_bytes: int = 0
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS))
+    parser.add_argument("--peak-gbs", type=float, default=None,
+                        help="GPU memory bandwidth in GB/s (default: from the device properties, "
+                             f"else {DEFAULT_PEAK_GBS:g})")
+    parser.add_argument("--warmup", type=int, default=25, help="do_bench warm-up, ms")
+    parser.add_argument("--rep", type=int, default=200, help="do_bench measuring time, ms")
+    parser.add_argument("--smoke", action="store_true", help="tiny interpreter check on CPU, no timing")
+    return parser.parse_args(argv)
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def crop_boxes(n: int, height: int, width: int, seed: int = 0) -> list[tuple[int, int, int, int]]:
+    """RandomResizedCrop-like boxes (scale 0.08..1, ratio 3/4..4/3), clipped to the image, seeded."""
+    g = torch.Generator().manual_seed(seed)
+    boxes = []
+    for _ in range(n):
+        area = height * width * (0.08 + 0.92 * float(torch.rand((), generator=g)))
+        ratio = math.exp(math.log(3 / 4) + math.log(16 / 9) * float(torch.rand((), generator=g)))
+        h = min(height, max(1, round(math.sqrt(area / ratio))))
+        w = min(width, max(1, round(math.sqrt(area * ratio))))
+        top = int(float(torch.rand((), generator=g)) * (height - h + 1))
+        left = int(float(torch.rand((), generator=g)) * (width - w + 1))
+        boxes.append((top, left, h, w))
+    return boxes
+
+
+def views_case(device: str, n_views: int, size: int, photo: tuple[int, int], out_dtype: torch.dtype) -> Case:
+    from adaptclip.kernels.views import render_views, render_views_torch
+
+    height, width = photo
+    image = torch.rand(3, height, width, generator=torch.Generator().manual_seed(0)).to(device)
+    boxes = [crop_boxes(n_views, height, width)]
+    flips = torch.rand(1, n_views, generator=torch.Generator().manual_seed(1)) < 0.5
+    args = ([image], boxes, flips, size, (0.48, 0.46, 0.41), (0.27, 0.26, 0.28), "bicubic", out_dtype)
+    moved = image.numel() * image.element_size() + n_views * 3 * size * size * out_dtype.itemsize
+    return Case("views", f"V={n_views} {size}px from {width}x{height} fp32 -> {_name(out_dtype)}",
+                lambda: render_views(*args), lambda: render_views_torch(*args), TARGETS["views"], moved)
+
+
+def gsbias_case(device: str, batch: int, views: int, classes: int, dim: int, patches: int, top_k: int,
+                dtype: torch.dtype) -> Case:
+    from adaptclip.adapt.gsbias import gs_bias as gs_bias_torch
+    from adaptclip.kernels.gsbias import gs_bias
+
+    g = torch.Generator().manual_seed(0)
+    feats, patch_feats, weights = (F.normalize(torch.randn(*shape, generator=g), dim=-1).to(device, dtype)
+                                   for shape in ((batch, views, dim), (batch, patches, dim), (classes, dim)))
+    kwargs = dict(top_k_patches=top_k)  # the official ImageNet settings otherwise (the defaults)
+    return Case("gsbias", f"B={batch} V={views} C={classes} D={dim} P={patches} K={top_k} {_name(dtype)}",
+                lambda: gs_bias(feats, patch_feats, weights, **kwargs).logits,
+                lambda: gs_bias_torch(feats, patch_feats, weights, **kwargs).logits, TARGETS["gsbias"])
+
+
+def tokens_case(device: str, n: int, tokens: int, dim: int, keep: float, dtype: torch.dtype) -> Case:
+    from adaptclip.compression.tokens import kept_count, reduce_tokens as reduce_tokens_torch
+    from adaptclip.kernels.token_select import reduce_tokens
+
+    g = torch.Generator().manual_seed(0)
+    n_patch = tokens - 1
+    x = torch.randn(n, tokens, dim, generator=g).to(device, dtype)
+    index = torch.arange(n_patch, device=device).expand(n, -1)
+    scores = torch.rand(n, n_patch, generator=g).softmax(-1).to(device)
+    k = kept_count(n_patch, keep)
+    return Case("tokens", f"N={n} L={tokens} D={dim} keep={keep} fused {_name(dtype)}",
+                lambda: reduce_tokens(x, index, scores, k, True, False)[0],
+                lambda: reduce_tokens_torch(x, index, scores, k, True, False)[0], TARGETS["tokens"])
+
+
+def cases(ops: list[str], device: str, small: bool) -> list[Case]:
+    """The benchmark shapes, or tiny ones for the interpreter smoke check."""
+    out = []
+    if "views" in ops:
+        out.append(views_case(device, 3, 8, (15, 20), torch.float32) if small
+                   else views_case(device, 64, 224, (375, 500), torch.float16))
+    if "gsbias" in ops:
+        dtypes = (torch.float32,) if small else (torch.float32, torch.float16)
+        out += [gsbias_case(device, 2, 8, 40, 16, 10, 4, dt) if small else gsbias_case(device, 16, 64, 1000, 512, 196, 16, dt)
+                for dt in dtypes]
+    if "tokens" in ops:
+        out.append(tokens_case(device, 2, 17, 24, 0.7, torch.float32) if small
+                   else tokens_case(device, 64, 197, 768, 0.7, torch.float16))
+    return out
+
+
+def max_diff(case: Case) -> float:
+    return float((case.kernel().float() - case.torch_ref().float()).abs().max())
+
+
+def peak_bandwidth(requested: float | None) -> tuple[float, str]:
+    """GB/s and where the figure came from."""
+    if requested is not None:
+        return requested, "--peak-gbs"
+    props = torch.cuda.get_device_properties(0)
+    clock_khz, bus_bits = getattr(props, "memory_clock_rate", 0), getattr(props, "memory_bus_width", 0)
+    if clock_khz and bus_bits:  # double data rate: two transfers per clock
+        return 2 * clock_khz * 1e3 * bus_bits / 8 / 1e9, "device properties"
+    return DEFAULT_PEAK_GBS, "default"
+
+
+def run_cuda(args: argparse.Namespace) -> None:
+    from triton.testing import do_bench
+
+    peak, source = peak_bandwidth(args.peak_gbs)
+    print(f"GPU: {torch.cuda.get_device_name(0)}; memory bandwidth {peak:,.0f} GB/s ({source}); "
+          f"torch {torch.__version__}")
+    header = f"{'op':7} {'shape':52} {'max |diff|':>10} {'torch ms':>9} {'triton ms':>9} {'speed-up':>8} " \
+             f"{'target':>6} {'GB/s':>7} {'% peak':>6}"
+    print(header)
+    print("-" * len(header))
+    for case in cases(args.ops, "cuda", small=False):
+        diff = max_diff(case)
+        t_ref = do_bench(case.torch_ref, warmup=args.warmup, rep=args.rep, return_mode="median")
+        t_ker = do_bench(case.kernel, warmup=args.warmup, rep=args.rep, return_mode="median")
+        speedup = t_ref / t_ker
+        gbs = case.min_bytes / (t_ker * 1e-3) / 1e9
+        throughput = f"{gbs:7.0f} {100 * gbs / peak:5.1f}%" if case.min_bytes else f"{'-':>7} {'-':>6}"
+        verdict = "ok" if speedup >= case.target else "MISS"
+        print(f"{case.op:7} {case.shape:52} {diff:10.2e} {t_ref:9.3f} {t_ker:9.3f} {speedup:7.1f}x "
+              f"{case.target:5.0f}x {throughput}  {verdict}")
+
+
+def run_smoke(args: argparse.Namespace) -> None:
+    print("interpreter smoke check (TRITON_INTERPRET=1, CPU): tiny shapes, max |kernel - torch|, no timing")
+    for case in cases(args.ops, "cpu", small=True):
+        print(f"{case.op:7} {case.shape:52} {max_diff(case):10.2e}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.smoke:
+        if any(name.startswith("adaptclip.kernels.") for name in sys.modules):
+            print("--smoke must start before any adaptclip.kernels module is imported", file=sys.stderr)
+            return 2
+        os.environ["TRITON_INTERPRET"] = "1"  # before any kernel module is imported
+        run_smoke(args)
+        return 0
+    if not torch.cuda.is_available():
+        print("bench/kernels.py times the Triton kernels on CUDA; no CUDA device here. "
+              "Run it on a GPU machine, or --smoke for an interpreter correctness check on CPU.")
+        return 1
+    run_cuda(args)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
