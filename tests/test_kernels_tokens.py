@@ -16,9 +16,10 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+from adaptclip.compression.tokens import cls_attention as cls_attention_torch  # noqa: E402
 from adaptclip.compression.tokens import reduce_tokens as reduce_tokens_torch  # noqa: E402
 from adaptclip.kernels._common import is_interpreted  # noqa: E402
-from adaptclip.kernels.token_select import _select_kernel, reduce_tokens  # noqa: E402
+from adaptclip.kernels.token_select import _select_kernel, cls_attention, reduce_tokens  # noqa: E402
 
 DEVICES = [
     pytest.param("cpu", marks=pytest.mark.skipif(
@@ -90,6 +91,21 @@ def test_ties_keep_the_earlier_positions(device: str) -> None:
     _, kept_ref, _ = reduce_tokens_torch(x, index, scores, 3, True, False)
     position = {int(v): i for i, v in enumerate(index[0])}
     assert torch.equal(scores[0, [position[int(v)] for v in kept_ref[0]]], scores[0, [1, 3, 5]])  # all 0.3
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cls_attention_matches_reference(device: str, dtype: torch.dtype) -> None:
+    """A real open_clip block (4 heads of 16, with in_proj bias), 70 tokens: two 64-token chunks."""
+    from open_clip.transformer import ResidualAttentionBlock
+
+    torch.manual_seed(0)
+    block = ResidualAttentionBlock(64, 4, batch_first=True).eval().to(device)
+    y = block.ln_1(torch.randn(3, 70, 64, device=device)).detach().to(dtype)
+    got = cls_attention(block, y)
+    want = cls_attention_torch(block, y)
+    assert got.shape == (3, 70) and got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
 
 
 def test_rejects_bad_shapes() -> None:
