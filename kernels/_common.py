@@ -1,14 +1,17 @@
 """What the Triton kernels share: where they may run, and the float dtypes they take.
 
-Triton decides at *decoration* time (when a kernel module is imported) whether `@triton.jit`
-compiles for the GPU or wraps the kernel for its CPU interpreter: it reads `TRITON_INTERPRET`
-then. So a process that wants the kernels on CPU tensors must set `TRITON_INTERPRET=1` before it
-imports any `adaptclip.kernels.*` kernel module (importing `triton` itself earlier is harmless),
-and a process that wants them compiled for CUDA must not set it.
+Triton decides at *decoration* time whether `@triton.jit` compiles for the GPU or wraps the
+function for its CPU interpreter: it reads `TRITON_INTERPRET` then. That happens both when a
+kernel module here is imported and when `triton.language` itself is (its standard library, e.g.
+`tl.sum`, is `@triton.jit` code), and the two must agree. So a process that wants the kernels on
+CPU tensors must set `TRITON_INTERPRET=1` before the first `import triton` anywhere in it, and
+keep it set; note that importing `torch._dynamo` (kornia, open_clip, ONNX export do) imports
+triton. `import torch` alone does not. A process that wants the kernels compiled must not set it.
 """
 from __future__ import annotations
 
 import torch
+import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -20,10 +23,16 @@ def is_interpreted(kernel: object) -> bool:
 
 
 def check_device(name: str, tensor: torch.Tensor, kernel: object) -> None:
-    """ValueError naming `name` unless `kernel` can read `tensor` where it lives.
+    """Raise unless `kernel` can run on `tensor` where it lives.
 
-    Compiled kernels need CUDA tensors; interpreted ones take CPU (or CUDA) tensors.
+    ValueError naming `name` for a CPU tensor and a compiled kernel (compiled kernels need CUDA
+    tensors; interpreted ones take CPU or CUDA tensors); RuntimeError when the kernel and
+    triton.language were decorated under different TRITON_INTERPRET settings.
     """
+    if is_interpreted(kernel) != is_interpreted(tl.sum):
+        raise RuntimeError("TRITON_INTERPRET changed between the import of triton.language and of "
+                           "adaptclip.kernels: set it before the first `import triton` in the process "
+                           "(torch._dynamo, imported by kornia and open_clip, imports triton)")
     if tensor.device.type != "cuda" and not is_interpreted(kernel):
         raise ValueError(f"{name}: Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 set before "
-                         f"adaptclip.kernels is imported), got a tensor on {tensor.device}")
+                         f"triton is first imported), got a tensor on {tensor.device}")

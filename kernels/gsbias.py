@@ -15,7 +15,9 @@ and the two GEMMs, each launch doing microseconds of work. Here:
    and the momentum updates, then the final logits `s f_0 W^T + h_g + h_s`.
 
 Reference (must equal it to 1e-4 in fp32, logits and biases): `adaptclip.adapt.gsbias.gs_bias`,
-same keyword arguments, same `GSBiasResult`. All math is fp32 whatever the input dtype, as there.
+same keyword arguments; the result is a `GSBiasOutput` with GSBiasResult's fields in its order
+(kernels sit below adapt and cannot import it: `GSBiasResult(*out)` converts). All math is fp32
+whatever the input dtype, as there.
 Ties: confident views rank by (entropy, view index), as the reference's stable argsort; salient
 patches by (-saliency, patch index), where torch.topk leaves ties unspecified. Near-ties (within
 rounding) and an early stop that lands on the 25 % threshold within rounding may resolve
@@ -27,19 +29,29 @@ tensors, or CPU tensors under TRITON_INTERPRET=1 (see adaptclip.kernels._common)
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from adaptclip.adapt.gsbias import GSBiasResult
 from adaptclip.kernels._common import check_device, is_interpreted
 
 _STOP_FRACTION = tl.constexpr(0.25)  # the official loop stops once the global loss moved > 25 % from its first
 _FLOAT32_MIN = tl.constexpr(-3.4028234663852886e38)  # torch.finfo(float32).min: the reference's log p̄ clamp
 _MAX_VIEWS, _MAX_PATCHES = 256, 1024
 _BLOCK_C = 128  # classes per tile of the adaptation loop
+
+
+class GSBiasOutput(NamedTuple):
+    """adaptclip.adapt.gsbias.GSBiasResult's fields, in its order: [C] / [C] / [C] / [] unbatched,
+    [B, C] / [B, C] / [B, C] / [B] batched; the biases are the momentum-averaged ones added."""
+
+    logits: Tensor
+    global_bias: Tensor
+    spatial_bias: Tensor
+    steps_run: Tensor
 
 
 @triton.jit
@@ -300,7 +312,7 @@ def _logits(feats: Tensor, weights: Tensor, logit_scale: float) -> Tensor:
 def gs_bias(view_feats: Tensor, patch_feats: Tensor | None, text_classifier: Tensor, *,
             logit_scale: float = 100.0, selection_ratio: float = 0.1, steps: int = 1,
             alpha: float = 10.0, beta: float = 1.0, top_k_patches: int = 16,
-            momentum: float = 0.9) -> GSBiasResult:
+            momentum: float = 0.9) -> GSBiasOutput:
     """The kernels' GS-Bias: same arguments and result as adaptclip.adapt.gsbias.gs_bias.
 
     Inputs may be fp32, fp16 or bf16 (computed in fp32); results are fp32 ([C] / [B, C], steps
@@ -341,5 +353,5 @@ def gs_bias(view_feats: Tensor, patch_feats: Tensor | None, text_classifier: Ten
         BLOCK_KV=triton.next_power_of_2(k_views), BLOCK_P=triton.next_power_of_2(n_patches), BLOCK_Q=32,
         BLOCK_KP=triton.next_power_of_2(k_patches), num_warps=8)
     if not batched:
-        return GSBiasResult(logits[0], state[1, 0], state[3, 0], steps_run[0])
-    return GSBiasResult(logits, state[1], state[3], steps_run)
+        return GSBiasOutput(logits[0], state[1, 0], state[3, 0], steps_run[0])
+    return GSBiasOutput(logits, state[1], state[3], steps_run)

@@ -1,12 +1,15 @@
 """The fused GS-Bias kernels (adaptclip.kernels.gsbias.gs_bias) against adaptclip.adapt.gsbias.gs_bias.
 
-Without CUDA the kernels run in Triton's CPU interpreter, which `@triton.jit` picks when a kernel
-module is imported: TRITON_INTERPRET=1 must be set before any adaptclip.kernels kernel module is
-imported in this process (set below, before the import; a conftest that imports the kernels
-earlier must set it itself). The CUDA variants run only where the kernels were compiled.
+Without CUDA the kernels run in Triton's CPU interpreter, which `@triton.jit` picks at decoration
+time, for triton.language's own functions too: TRITON_INTERPRET=1 must be set before the first
+`import triton` in the process. This module sets it (without CUDA) for runs where it is the
+first; the suite's conftest imports open_clip and kornia, hence torch._dynamo, hence triton, so
+it must set it itself, at its top (else the CPU variants fail, saying so). The CUDA variants run
+where the kernels were compiled (CUDA present, TRITON_INTERPRET unset).
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import torch
@@ -20,11 +23,12 @@ import torch.nn.functional as F  # noqa: E402
 from adaptclip.adapt.gsbias import GSBiasResult  # noqa: E402
 from adaptclip.adapt.gsbias import gs_bias as gs_bias_torch  # noqa: E402
 from adaptclip.kernels._common import is_interpreted  # noqa: E402
-from adaptclip.kernels.gsbias import _adapt_kernel, gs_bias  # noqa: E402
+from adaptclip.kernels.gsbias import GSBiasOutput, _adapt_kernel, gs_bias  # noqa: E402
 
 DEVICES = [
+    # Without CUDA, kernels compiled for it (TRITON_INTERPRET set too late) fail here, loudly.
     pytest.param("cpu", marks=pytest.mark.skipif(
-        not is_interpreted(_adapt_kernel), reason="kernels were compiled for CUDA (TRITON_INTERPRET unset)")),
+        torch.cuda.is_available() and not is_interpreted(_adapt_kernel), reason="kernels compiled for CUDA here")),
     pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
         not torch.cuda.is_available() or is_interpreted(_adapt_kernel),
         reason="needs CUDA and compiled kernels (TRITON_INTERPRET unset)")]),
@@ -40,7 +44,8 @@ def _inputs(batch: int, views: int, patches: int, classes: int, dim: int, seed: 
     return feats, patch_feats, weights
 
 
-def _assert_same(got: GSBiasResult, want: GSBiasResult, tol: float = 1e-4) -> None:
+def _assert_same(got: GSBiasOutput, want: GSBiasResult, tol: float = 1e-4) -> None:
+    assert GSBiasOutput._fields == tuple(f.name for f in dataclasses.fields(GSBiasResult))
     for name in ("logits", "global_bias", "spatial_bias"):
         a, b = getattr(got, name), getattr(want, name)
         assert a.shape == b.shape and a.dtype == torch.float32, name

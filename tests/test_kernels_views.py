@@ -1,9 +1,11 @@
 """The views kernel (adaptclip.kernels.views.render_views) against its torch reference.
 
-Without CUDA the kernels run in Triton's CPU interpreter, which `@triton.jit` picks when a kernel
-module is imported: TRITON_INTERPRET=1 must be set before any adaptclip.kernels kernel module is
-imported in this process (set below, before the import; a conftest that imports the kernels
-earlier must set it itself). The CUDA variants run only where the kernels were compiled.
+Without CUDA the kernels run in Triton's CPU interpreter, which `@triton.jit` picks at decoration
+time, for triton.language's own functions too: TRITON_INTERPRET=1 must be set before the first
+`import triton` in the process. This module sets it (without CUDA) for runs where it is the
+first; the suite's conftest imports open_clip and kornia, hence torch._dynamo, hence triton, so
+it must set it itself, at its top (else the CPU variants fail, saying so). The CUDA variants run
+where the kernels were compiled (CUDA present, TRITON_INTERPRET unset).
 """
 from __future__ import annotations
 
@@ -20,8 +22,9 @@ from adaptclip.kernels._common import is_interpreted  # noqa: E402
 from adaptclip.kernels.views import _views_kernel, render_views, render_views_torch  # noqa: E402
 
 DEVICES = [
+    # Without CUDA, kernels compiled for it (TRITON_INTERPRET set too late) fail here, loudly.
     pytest.param("cpu", marks=pytest.mark.skipif(
-        not is_interpreted(_views_kernel), reason="kernels were compiled for CUDA (TRITON_INTERPRET unset)")),
+        torch.cuda.is_available() and not is_interpreted(_views_kernel), reason="kernels compiled for CUDA here")),
     pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
         not torch.cuda.is_available() or is_interpreted(_views_kernel),
         reason="needs CUDA and compiled kernels (TRITON_INTERPRET unset)")]),
