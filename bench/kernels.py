@@ -143,8 +143,8 @@ def cases(ops: list[str], device: str, small: bool) -> list[Case]:
                    else views_case(device, 64, 224, (375, 500), torch.float16))
     if "gsbias" in ops:
         dtypes = (torch.float32,) if small else (torch.float32, torch.float16)
-        out += [gsbias_case(device, 2, 8, 40, 16, 10, 4, dt) if small else gsbias_case(device, 16, 64, 1000, 512, 196, 16, dt)
-                for dt in dtypes]
+        shape = (2, 8, 40, 16, 10, 4) if small else (16, 64, 1000, 512, 196, 16)
+        out += [gsbias_case(device, *shape, dt) for dt in dtypes]
     if "tokens" in ops:
         out.append(tokens_case(device, 2, 17, 24, 0.7, torch.float32) if small
                    else tokens_case(device, 64, 197, 768, 0.7, torch.float16))
