@@ -18,6 +18,11 @@ prints its max difference to the reference: a correctness check, not a timing.
     .venv/bin/python bench/kernels.py                    # on a CUDA machine
     .venv/bin/python bench/kernels.py --ops views --peak-gbs 4800
     .venv/bin/python bench/kernels.py --smoke            # anywhere
+    .venv/bin/python bench/kernels.py --compile 90       # anywhere: build every kernel for sm_90
+
+`--compile ARCH` needs no GPU either: it compiles each kernel at the benchmark's tile sizes down
+to a cubin for CUDA compute capability ARCH and prints ptxas' register and spill counts, which
+catches what the interpreter cannot (type and lowering errors, register pressure).
 """
 from __future__ import annotations
 
@@ -57,6 +62,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=25, help="do_bench warm-up, ms")
     parser.add_argument("--rep", type=int, default=200, help="do_bench measuring time, ms")
     parser.add_argument("--smoke", action="store_true", help="tiny interpreter check on CPU, no timing")
+    parser.add_argument("--compile", type=int, metavar="ARCH", help="only compile for sm_ARCH (e.g. 90), no GPU")
     return parser.parse_args(argv)
 
 
@@ -198,8 +204,65 @@ def run_smoke(args: argparse.Namespace) -> None:
         print(f"{case.op:7} {case.shape:52} {max_diff(case):10.2e}")
 
 
+def run_compile(arch: int) -> None:
+    """Every kernel through Triton's full pipeline for sm_<arch>, with ptxas' resource report."""
+    import subprocess
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import get_ptxas
+    from triton.compiler import ASTSource
+
+    from adaptclip.kernels import gsbias, token_select, views
+
+    f32, f16, i64 = torch.float32, torch.float16, torch.int64
+    pointer = {f32: "*fp32", f16: "*fp16", torch.bfloat16: "*bf16", i64: "*i64", torch.uint8: "*u8"}
+    kernels = [  # (label, kernel, pointer dtypes by argument name, constexprs, num_warps)
+        ("views u8 -> fp16", views._views_kernel, dict(src=torch.uint8, meta=i64, out=f16),
+         dict(BICUBIC=True, BLOCK_Y=8, BLOCK_X=32, TAPS_X=16, TAPS_Y=16), 8),
+        ("gsbias logits fp16", gsbias._logits_kernel, dict(a=f16, w=f16, out=f32),
+         dict(F32_DOT=False, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32), 8),
+        ("gsbias logits fp32", gsbias._logits_kernel, dict(a=f32, w=f32, out=f32),
+         dict(F32_DOT=True, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32), 8),
+        ("gsbias saliency", gsbias._saliency_kernel, dict(patch_logits=f32, parts=f32), dict(BLOCK_P=64, BLOCK_C=64), 4),
+        ("gsbias adapt", gsbias._adapt_kernel, dict.fromkeys(
+            ("view_logits", "patch_logits", "parts", "bias_g", "hist_g", "bias_s", "hist_s", "logits_out"), f32)
+         | dict(steps_out=i64), dict(HAS_PATCHES=True, BLOCK_C=128, BLOCK_V=64, BLOCK_KV=8, BLOCK_P=256, BLOCK_Q=32,
+                                     BLOCK_KP=16), 8),
+        ("token select fp16", token_select._select_kernel,
+         dict(x=f16, index=i64, scores=f32, out=f16, out_index=i64),
+         dict(FUSE=True, FUSED_IN=True, BLOCK_P=32, BLOCK_Q=64, BLOCK_D=128), 4),
+        ("cls scores fp16", token_select._cls_scores_kernel, dict(y=f16, folded=f32, out=f32),
+         dict(BLOCK_H=16, BLOCK_L=64, BLOCK_D=32), 4),
+    ]
+    floats = {"scale", "alpha", "beta", "momentum", "keep", "log_kv", "log_kp", "src_scale"} | {
+        f"{name}{c}" for name in ("mean", "std") for c in "012"}
+    print(f"Triton {triton.__version__}, sm_{arch}: registers and spills per kernel (ptxas -v)")
+    for label, kernel, pointers, constexprs, num_warps in kernels:
+        signature = {name: "constexpr" if name in constexprs else pointer[pointers[name]] if name in pointers
+                     else "fp32" if name in floats else "i32" for name in kernel.arg_names}
+        compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+                                  target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+        with tempfile.NamedTemporaryFile("w", suffix=".ptx") as ptx:
+            ptx.write(compiled.asm["ptx"])
+            ptx.flush()
+            report = subprocess.run([get_ptxas(arch).path, "-v", f"--gpu-name=sm_{arch}a" if arch >= 90 else
+                                     f"--gpu-name=sm_{arch}", ptx.name, "-o", os.devnull],
+                                    capture_output=True, text=True).stderr
+        usage = [line.split("info    :")[-1].strip() for line in report.splitlines() if "Used" in line or "spill" in line]
+        print(f"{label:20} {num_warps} warps  " + "; ".join(usage))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.compile is not None:
+        if os.environ.get("TRITON_INTERPRET", "0") == "1":
+            print("--compile needs TRITON_INTERPRET unset (the kernels must be compiled, not interpreted)",
+                  file=sys.stderr)
+            return 2
+        run_compile(args.compile)
+        return 0
     if args.smoke:
         if "triton" in sys.modules:
             print("--smoke must start before triton is imported (it sets TRITON_INTERPRET=1)", file=sys.stderr)
