@@ -1,6 +1,15 @@
 """Shared fixtures: a tiny open_clip model saved as a real checkpoint, images, an in-process server."""
 from __future__ import annotations
 
+import os
+
+import torch
+
+# Triton kernels run on the CPU under the interpreter, which triton fixes when it is first imported
+# (open_clip and kornia import it through torch._dynamo): so before anything else imports them.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import asyncio
 import io
 import threading
@@ -10,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import open_clip
 import pytest
-import torch
 from PIL import Image
 
 from adaptclip.client import Client
