@@ -40,7 +40,7 @@ from adaptclip.kernels._common import check_device, is_interpreted
 
 _STOP_FRACTION = tl.constexpr(0.25)  # the official loop stops once the global loss moved > 25 % from its first
 _FLOAT32_MIN = tl.constexpr(-3.4028234663852886e38)  # torch.finfo(float32).min: the reference's log p̄ clamp
-_MAX_VIEWS, _MAX_PATCHES = 256, 1024
+MAX_VIEWS, MAX_PATCHES = 256, 1024  # adapt.gsbias runs larger inputs with torch
 _BLOCK_C = 128  # classes per tile of the adaptation loop
 
 
@@ -276,17 +276,17 @@ def _adapt_kernel(view_logits, patch_logits, parts, bias_g, hist_g, bias_s, hist
 def _validate(view_feats: Tensor, patch_feats: Tensor | None, text_classifier: Tensor, selection_ratio: float,
               steps: int, top_k_patches: int, momentum: float, logit_scale: float) -> None:
     """The reference's shape and range checks that the launch depends on."""
-    if view_feats.ndim not in (2, 3) or not 1 <= view_feats.shape[-2] <= _MAX_VIEWS:
-        raise ValueError(f"view_feats must be [V, D] or [B, V, D] with 1 <= V <= {_MAX_VIEWS}, "
+    if view_feats.ndim not in (2, 3) or not 1 <= view_feats.shape[-2] <= MAX_VIEWS:
+        raise ValueError(f"view_feats must be [V, D] or [B, V, D] with 1 <= V <= {MAX_VIEWS}, "
                          f"got {tuple(view_feats.shape)}")
     if text_classifier.ndim != 2 or text_classifier.shape[0] < 1 or text_classifier.shape[1] != view_feats.shape[-1]:
         raise ValueError(f"text_classifier must be [C, D] with C >= 1 and D = {view_feats.shape[-1]}, "
                          f"got {tuple(text_classifier.shape)}")
     if patch_feats is not None and (patch_feats.ndim != view_feats.ndim or patch_feats.shape[-1] != view_feats.shape[-1]
-                                    or not 1 <= patch_feats.shape[-2] <= _MAX_PATCHES
+                                    or not 1 <= patch_feats.shape[-2] <= MAX_PATCHES
                                     or patch_feats.shape[:-2] != view_feats.shape[:-2]):
         raise ValueError(f"patch_feats must be [P, D] (or [B, P, D] when batched) like view_feats with "
-                         f"1 <= P <= {_MAX_PATCHES}, got {tuple(patch_feats.shape)}")
+                         f"1 <= P <= {MAX_PATCHES}, got {tuple(patch_feats.shape)}")
     if not 0.0 < selection_ratio <= 1.0 or not 0.0 <= momentum <= 1.0 or not logit_scale > 0:
         raise ValueError(f"need 0 < selection_ratio <= 1, 0 <= momentum <= 1, logit_scale > 0, got "
                          f"{selection_ratio!r}, {momentum!r}, {logit_scale!r}")

@@ -6,7 +6,7 @@ each a pass over every view. This kernel reads each source pixel tap straight fr
 image (uint8 or float, CHW or HWC) and writes each output pixel once, for all views of all
 images of a batch in one launch.
 
-Reference (the kernel must equal it): `render_views_torch` below, which is exactly the crop stage
+Reference (the kernel must equal it): `render_batch_torch` below, which is exactly the crop stage
 of `ViewGenerator._augment` (augmix=False) plus the normalisation of `ViewGenerator.__call__`:
 `F.interpolate(img[None, :, t:t+h, l:l+w], (S, S), mode, align_corners=False, antialias=True)`
 clamped to [0, 1], flipped where asked, then `(x - mean) / std`, cast to the output dtype.
@@ -184,7 +184,7 @@ def _checked(images: Sequence[Tensor], boxes: Tensor | Sequence, flips: Tensor |
     return boxes, flips
 
 
-def render_views_torch(images: Sequence[Tensor], boxes: Tensor | Sequence, flips: Tensor | Sequence,
+def render_batch_torch(images: Sequence[Tensor], boxes: Tensor | Sequence, flips: Tensor | Sequence,
                        size: int, mean: Sequence[float], std: Sequence[float], mode: str = "bicubic",
                        dtype: torch.dtype = torch.float32) -> Tensor:
     """The reference: views [B, n, 3, S, S] exactly as ViewGenerator renders them (augmix=False).
@@ -209,10 +209,10 @@ def render_views_torch(images: Sequence[Tensor], boxes: Tensor | Sequence, flips
     return torch.stack(views).to(dtype)
 
 
-def render_views(images: Sequence[Tensor], boxes: Tensor | Sequence, flips: Tensor | Sequence, size: int,
+def render_batch(images: Sequence[Tensor], boxes: Tensor | Sequence, flips: Tensor | Sequence, size: int,
                  mean: Sequence[float], std: Sequence[float], mode: str = "bicubic",
                  dtype: torch.dtype = torch.float32) -> Tensor:
-    """The kernel: same arguments and result as `render_views_torch`, in one launch for the batch.
+    """The kernel: same arguments and result as `render_batch_torch`, in one launch for the batch.
 
     The images (all of one dtype) are packed into one flat buffer; each view carries its image's
     offset and strides, so CHW and HWC sources mix freely.

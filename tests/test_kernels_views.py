@@ -1,4 +1,4 @@
-"""The views kernel (adaptclip.kernels.views.render_views) against its torch reference.
+"""The views kernel (adaptclip.kernels.views.render_batch) against its torch reference.
 
 Without CUDA the kernels run in Triton's CPU interpreter, which `@triton.jit` picks at decoration
 time, for triton.language's own functions too: TRITON_INTERPRET=1 must be set before the first
@@ -19,7 +19,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 from adaptclip.kernels._common import is_interpreted  # noqa: E402
-from adaptclip.kernels.views import _views_kernel, render_views, render_views_torch  # noqa: E402
+from adaptclip.kernels.views import _views_kernel, render_batch, render_batch_torch  # noqa: E402
 
 DEVICES = [
     # Without CUDA, kernels compiled for it (TRITON_INTERPRET set too late) fail here, loudly.
@@ -54,8 +54,8 @@ def _max_pixel_error(views: torch.Tensor, ref: torch.Tensor) -> float:
 @pytest.mark.parametrize("size", [8, 17, 32])
 def test_matches_reference_fp32(device: str, mode: str, size: int) -> None:
     images = _images(device)
-    views = render_views(images, BOXES, FLIPS, size, MEAN, STD, mode)
-    ref = render_views_torch(images, BOXES, FLIPS, size, MEAN, STD, mode)
+    views = render_batch(images, BOXES, FLIPS, size, MEAN, STD, mode)
+    ref = render_batch_torch(images, BOXES, FLIPS, size, MEAN, STD, mode)
     assert views.shape == ref.shape == (2, 6, 3, size, size) and views.dtype == torch.float32
     assert _max_pixel_error(views, ref) <= 1e-3
 
@@ -68,8 +68,8 @@ def test_half_outputs_and_uint8_sources(device: str, dtype: torch.dtype) -> None
     hwc = torch.randint(0, 256, (37, 50, 3), generator=g, dtype=torch.uint8)
     chw = torch.randint(0, 256, (3, 20, 13), generator=g, dtype=torch.uint8)
     for images in ([hwc.to(device), chw.to(device)], [im.half() for im in _images(device, 2)]):
-        views = render_views(images, BOXES, FLIPS, 12, MEAN, STD, "bicubic", dtype)
-        ref = render_views_torch(images, BOXES, FLIPS, 12, MEAN, STD, "bicubic", dtype)
+        views = render_batch(images, BOXES, FLIPS, 12, MEAN, STD, "bicubic", dtype)
+        ref = render_batch_torch(images, BOXES, FLIPS, 12, MEAN, STD, "bicubic", dtype)
         assert views.dtype == ref.dtype == dtype
         # Within one rounding step of the output dtype on top of the fp32 tolerance.
         step = torch.finfo(dtype).eps * ref.float().abs().clamp_min(1.0)
@@ -79,7 +79,7 @@ def test_half_outputs_and_uint8_sources(device: str, dtype: torch.dtype) -> None
 def test_rejects_boxes_outside_the_image() -> None:
     images = _images("cpu")
     bad = [BOXES[0][:1], [(0, 0, 21, 13)]]  # 21 rows in a 20-row image
-    for render in (render_views, render_views_torch):
+    for render in (render_batch, render_batch_torch):
         with pytest.raises(ValueError, match=r"boxes\[1\]"):
             render(images, bad, [[False], [False]], 8, MEAN, STD)
 
@@ -96,6 +96,6 @@ def test_reference_equals_view_generator(mode: str) -> None:
     views = generator(images, torch.zeros(len(images), 3, size, size), n_views, seed=seed)
     params = [generator._sample(torch.Generator().manual_seed(seed + i), n_views - 1, *image.shape[1:])
               for i, image in enumerate(images)]
-    ref = render_views_torch(images, [p.boxes for p in params], torch.stack([p.flip for p in params]),
+    ref = render_batch_torch(images, [p.boxes for p in params], torch.stack([p.flip for p in params]),
                              size, MEAN, STD, mode)
     assert torch.equal(views[:, 1:], ref)
