@@ -20,6 +20,7 @@ from torch import Tensor
 
 from adaptclip.adapt.methods import TextSide
 from adaptclip.adapt.settings import AdaptSettings, FieldError, validate_keep_rate
+from adaptclip.kernels.backend import KernelBackends
 
 
 class Unsupported(Exception):
@@ -74,6 +75,7 @@ class EncoderModel(ABC):
     text: TextTower | None = None
     compressor: Compressor | None = None
     fixed_label_sets: tuple[FixedLabelSet, ...] = field(default=())
+    kernels: KernelBackends = field(default_factory=KernelBackends)  # torch or Triton per hot path
 
     @property
     @abstractmethod

@@ -156,7 +156,8 @@ class Run:
             key = (s.method, feats.shape[0])
             if key not in memo:
                 start = time.perf_counter()
-                res = adapt_views(s, feats, patches, self.classifier, self.model.logit_scale, self.text)
+                res = adapt_views(s, feats, patches, self.classifier, self.model.logit_scale, self.text,
+                                  self.model.kernels.gs_bias, self.model.device)
                 memo[key] = (res, 1000.0 * (time.perf_counter() - start))
             return memo[key][0]
 

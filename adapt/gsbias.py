@@ -16,6 +16,10 @@ nothing flows through the model. Deviations from the official code, all delibera
 - The official top-K saliency re-runs every step on logits that include the current spatial
   bias; the bias is constant over patches, so a softmax over patches ignores it and the top-K
   set is computed once (mathematically identical).
+
+`backend="triton"` (or "auto" with CUDA features) runs the same loop as adaptclip.kernels.gsbias's
+fused kernels (equal to 1e-4 in fp32), for up to its MAX_VIEWS views and MAX_PATCHES patches; larger
+inputs run here.
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ import torch
 from torch import Tensor
 
 from adaptclip.adapt.selection import confident_views, marginal_entropy_and_grad
+from adaptclip.kernels.backend import resolve
 
 # The official loop stops once the global loss moved more than 25 % from its first value.
 _EARLY_STOP_FRACTION = 0.25
@@ -96,7 +101,7 @@ def _validate(view_feats: Tensor, patch_feats: Tensor | None, text_classifier: T
 def gs_bias(view_feats: Tensor, patch_feats: Tensor | None, text_classifier: Tensor, *,
             logit_scale: float = 100.0, selection_ratio: float = 0.1, steps: int = 1,
             alpha: float = 10.0, beta: float = 1.0, top_k_patches: int = 16,
-            momentum: float = 0.9) -> GSBiasResult:
+            momentum: float = 0.9, backend: str = "torch") -> GSBiasResult:
     """Run GS-Bias on one image ([V, D], [P, D]) or a batch ([B, V, D], [B, P, D]).
 
     view_feats: L2-normalised global features of the V views, view 0 the original.
@@ -107,11 +112,20 @@ def gs_bias(view_feats: Tensor, patch_feats: Tensor | None, text_classifier: Ten
         as in the official code, clamped to at least 1 view.
     top_k_patches: most salient patches kept for the spatial loss; clamped to P when larger.
     Early stop is decided per image, so a batch gives the same result as its images one by one.
+    backend: "torch", "triton" or "auto", on view_feats' device (see the module docstring).
     Returns the adapted logits `s * f_0 W^T + b_g + b_s` and diagnostics (see GSBiasResult).
     """
     _validate(view_feats, patch_feats, text_classifier, logit_scale=logit_scale,
               selection_ratio=selection_ratio, steps=steps, alpha=alpha, beta=beta,
               top_k_patches=top_k_patches, momentum=momentum)
+    if resolve(backend, view_feats.device) == "triton":
+        from adaptclip.kernels import gsbias as fused
+
+        n_patches = 0 if patch_feats is None else patch_feats.shape[-2]
+        if view_feats.shape[-2] <= fused.MAX_VIEWS and n_patches <= fused.MAX_PATCHES:
+            return GSBiasResult(*fused.gs_bias(
+                view_feats, patch_feats, text_classifier, logit_scale=logit_scale, selection_ratio=selection_ratio,
+                steps=steps, alpha=alpha, beta=beta, top_k_patches=top_k_patches, momentum=momentum))
     batched = view_feats.ndim == 3
     dtype = torch.promote_types(view_feats.dtype, torch.float32)
     device = view_feats.device
@@ -172,8 +186,8 @@ def gs_bias(view_feats: Tensor, patch_feats: Tensor | None, text_classifier: Ten
 def gs_bias_logits(view_feats: Tensor, patch_feats: Tensor | None, text_classifier: Tensor, *,
                    logit_scale: float = 100.0, selection_ratio: float = 0.1, steps: int = 1,
                    alpha: float = 10.0, beta: float = 1.0, top_k_patches: int = 16,
-                   momentum: float = 0.9) -> Tensor:
+                   momentum: float = 0.9, backend: str = "torch") -> Tensor:
     """Adapted logits of view 0 ([C], or [B, C] batched); see `gs_bias` for the arguments."""
     return gs_bias(view_feats, patch_feats, text_classifier, logit_scale=logit_scale,
                    selection_ratio=selection_ratio, steps=steps, alpha=alpha, beta=beta,
-                   top_k_patches=top_k_patches, momentum=momentum).logits
+                   top_k_patches=top_k_patches, momentum=momentum, backend=backend).logits

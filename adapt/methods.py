@@ -4,9 +4,11 @@ The adaptive loop (adapt/loop.py) calls it for the server and the accuracy harne
 """
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -14,6 +16,7 @@ from adaptclip.adapt.gsbias import gs_bias
 from adaptclip.adapt.peers import CLASS_CHUNK, tpt_logits, zero_logits
 from adaptclip.adapt.selection import confident_views
 from adaptclip.adapt.settings import AdaptSettings
+from adaptclip.kernels.backend import resolve
 
 
 @dataclass(frozen=True)
@@ -38,21 +41,29 @@ class TextSide:
 
 
 def adapt_views(settings: AdaptSettings, view_feats: Tensor, patch_feats: Tensor | None, classifier: Tensor,
-                logit_scale: float, text: TextSide | None = None) -> MethodResult:
+                logit_scale: float, text: TextSide | None = None, gs_backend: str = "torch",
+                device: torch.device | str | None = None) -> MethodResult:
     """Adapted prediction for one image from its V view features ([V, D], view 0 the original).
 
     view_feats / patch_feats ([P, D] of view 0, or None) may be unnormalised: they are
     L2-normalised here. GS-Bias without patch features adapts the global bias only.
+    gs_backend: GS-Bias's backend (adapt.gsbias), run on `device` (None: the features' device) when
+    it resolves to the kernels there; results come back on the features' device.
     """
     feats = F.normalize(view_feats.float(), dim=-1)
-    view_logits = logit_scale * feats @ classifier.T
     if settings.method == "gs_bias":
         patches = None if patch_feats is None else F.normalize(patch_feats.float(), dim=-1)
+        home, where = feats.device, torch.device(device) if device is not None else feats.device
+        if where != home and resolve(gs_backend, where) == "triton":
+            feats, classifier = feats.to(where), _resident(classifier, where)
+            patches = None if patches is None else patches.to(where)
         res = gs_bias(feats, patches, classifier, logit_scale=logit_scale, selection_ratio=settings.ratio,
                       steps=settings.steps, alpha=settings.alpha, beta=settings.beta,
-                      top_k_patches=settings.spatial_top_k)
-        return MethodResult(res.logits, res.logits.softmax(-1), int(res.steps_run), patches is None,
-                            res.global_bias, res.spatial_bias)
+                      top_k_patches=settings.spatial_top_k, backend=gs_backend)
+        logits = res.logits.to(home)
+        return MethodResult(logits, logits.softmax(-1), int(res.steps_run), patches is None,
+                            res.global_bias.to(home), res.spatial_bias.to(home))
+    view_logits = logit_scale * feats @ classifier.T
     if settings.method == "zero":
         votes = zero_logits(view_logits, settings.ratio)
         mean_kept = view_logits[confident_views(view_logits, settings.ratio)].mean(0)
@@ -65,3 +76,17 @@ def adapt_views(settings: AdaptSettings, view_feats: Tensor, patch_feats: Tensor
                             class_chunk=text.class_chunk)
         return MethodResult(logits.detach().float(), logits.detach().float().softmax(-1), settings.steps, False)
     raise ValueError(f"no adaptation for method {settings.method!r}")
+
+
+_RESIDENT: dict[tuple[int, str], Tensor] = {}
+
+
+def _resident(tensor: Tensor, device: torch.device) -> Tensor:
+    """`tensor` on `device`, copied once per tensor object and dropped with it: the label-set store hands
+    every request of a label set the same classifier, so the GPU path copies it once, not per request."""
+    key = (id(tensor), str(device))
+    copy = _RESIDENT.get(key)
+    if copy is None:
+        copy = _RESIDENT[key] = tensor.to(device)
+        weakref.finalize(tensor, _RESIDENT.pop, key, None)
+    return copy

@@ -18,6 +18,10 @@ mix Beta(1, 1)-blended with the crop. Differences from the PIL original, all del
 - translate_x/y scale with S / 3 (the official code hard-codes IMAGE_SIZE = 224).
 - Random numbers come from a torch.Generator per image (see `ViewGenerator.__call__`), not
   numpy's global RNG, so the same seed gives the same views on any device and in any batch.
+
+`backend="triton"` (or "auto" on a CUDA device) renders with adaptclip.kernels.views from the same
+draws: with AugMix off the whole pipeline (crop, flip, normalise, cast) of a batch in one launch, with
+AugMix on the crop stage, the ops following as here; within 1e-3 of the torch path in [0, 1] units.
 """
 from __future__ import annotations
 
@@ -36,6 +40,7 @@ from PIL import Image
 from torch import Tensor
 
 from adaptclip.adapt.settings import AdaptSettings
+from adaptclip.kernels.backend import check_backend, resolve
 
 if TYPE_CHECKING:
     from adaptclip.adapt.encoder import EncoderModel
@@ -66,8 +71,10 @@ class ViewGenerator:
     def __init__(self, image_size: int, mean: Sequence[float], std: Sequence[float], *,
                  crop_scale: tuple[float, float] = (0.08, 1.0), augmix: bool = True,
                  augmix_severity: float = 1.0, augmix_width: int = 3, augmix_depth: int = -1,
-                 interpolation: str = "bicubic") -> None:
-        """augmix_depth = -1 draws 1..3 ops per chain (the official choice), else a fixed count."""
+                 interpolation: str = "bicubic", backend: str = "torch") -> None:
+        """augmix_depth = -1 draws 1..3 ops per chain (the official choice), else a fixed count.
+        backend: "torch", "triton" or "auto" (see adaptclip.kernels.backend), decided per call on the
+        views' device."""
         if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
             raise ValueError(f"image_size must be an int >= 1, got {image_size!r}")
         if len(mean) != 3 or len(std) != 3:
@@ -94,6 +101,7 @@ class ViewGenerator:
         self.width = augmix_width
         self.depth = augmix_depth
         self.interpolation = interpolation
+        self.backend = check_backend(backend)
 
     def __call__(self, images: Sequence[Tensor], base_views: Tensor, n_views: int,
                  seed: int | Sequence[int] | None = None) -> Tensor:
@@ -109,6 +117,8 @@ class ViewGenerator:
         if n_views == 1:
             return base_views.unsqueeze(1)
         device = base_views.device
+        if not self.augmix and resolve(self.backend, device) == "triton":
+            return torch.cat([base_views.unsqueeze(1), self._kernel_views(images, seeds, n_views, base_views)], dim=1)
         mean, std = self.mean.to(device), self.std.to(device)
         views = []
         for image, image_seed in zip(images, seeds):
@@ -163,13 +173,35 @@ class ViewGenerator:
         signs = torch.where(torch.rand(n, chains, max_depth, generator=g) > 0.5, -1.0, 1.0)
         return _Params(boxes, flip, mix_weights, blend, depth, ops, levels, signs)
 
-    def _augment(self, image: Tensor, p: _Params) -> Tensor:
-        """Crop + flip (+ AugMix) every view of one image: [n, 3, S, S] in [0, 1]."""
+    def _kernel_views(self, images: Sequence[Tensor], seeds: list[int], n_views: int, base_views: Tensor) -> Tensor:
+        """The augmented views [B, n_views - 1, 3, S, S] of `__call__` without AugMix, from the same draws,
+        cropped, flipped, normalised and cast to base_views' dtype by one kernel launch for the batch."""
+        from adaptclip.kernels.views import render_batch
+
+        device = base_views.device
+        params = [self._sample(torch.Generator(device="cpu").manual_seed(image_seed), n_views - 1, *image.shape[-2:])
+                  for image, image_seed in zip(images, seeds)]
+        sources = [image.to(device=device, dtype=torch.float32) for image in images]
+        return render_batch(sources, [p.boxes for p in params], torch.stack([p.flip for p in params]), self.image_size,
+                            self.mean.flatten().tolist(), self.std.flatten().tolist(), self.interpolation,
+                            base_views.dtype)
+
+    def _crops(self, image: Tensor, boxes: list[tuple[int, int, int, int]]) -> Tensor:
+        """Every box of `image` [3, H, W] resized to S x S, antialiased: [n, 3, S, S] in [0, 1]."""
         size = self.image_size
-        crops = torch.cat([
+        if resolve(self.backend, image.device) == "triton":  # one launch, no flip, no normalisation
+            from adaptclip.kernels.views import render_batch
+
+            return render_batch([image], [boxes], [[False] * len(boxes)], size, (0.0,) * 3, (1.0,) * 3,
+                                self.interpolation)[0]
+        return torch.cat([
             F.interpolate(image[None, :, top:top + h, left:left + w], size=(size, size),
                           mode=self.interpolation, align_corners=False, antialias=True)
-            for top, left, h, w in p.boxes]).clamp_(0.0, 1.0)
+            for top, left, h, w in boxes]).clamp_(0.0, 1.0)
+
+    def _augment(self, image: Tensor, p: _Params) -> Tensor:
+        """Crop + flip (+ AugMix) every view of one image: [n, 3, S, S] in [0, 1]."""
+        crops = self._crops(image, p.boxes)
         flip = p.flip.to(image.device).view(-1, 1, 1, 1)
         crops = torch.where(flip, KT.hflip(crops), crops)
         if not self.augmix:
@@ -194,20 +226,20 @@ class ViewGenerator:
 
 @lru_cache(maxsize=64)
 def _generator(image_size: int, mean: tuple[float, ...], std: tuple[float, ...], crop_scale: tuple[float, float],
-               augmix: bool) -> ViewGenerator:
-    return ViewGenerator(image_size, mean, std, crop_scale=crop_scale, augmix=augmix)
+               augmix: bool, backend: str = "torch") -> ViewGenerator:
+    return ViewGenerator(image_size, mean, std, crop_scale=crop_scale, augmix=augmix, backend=backend)
 
 
 def render_views(model: EncoderModel, img: Image.Image, view0: Tensor, s: AdaptSettings) -> Tensor:
     """[V, 3, S, S] views of a decoded image for `model`: view 0 its own preprocessing (given), the rest
-    augmented with the settings' crops and AugMix, seeded by `s.seed`; rendered on the model's device,
-    returned on the CPU (encoder batches are assembled there)."""
+    augmented with the settings' crops and AugMix, seeded by `s.seed`; rendered on the model's device with
+    its view backend (`model.kernels.views`), returned on the CPU (encoder batches are assembled there)."""
     size = model.image_size
     short = min(img.size)
     if short > MAX_VIEW_SIDE * size:
         factor = MAX_VIEW_SIDE * size / short
         img = img.resize((round(img.width * factor), round(img.height * factor)), Image.BICUBIC)
-    gen = _generator(size, model.mean, model.std, s.crop_scale, s.augmix)
+    gen = _generator(size, model.mean, model.std, s.crop_scale, s.augmix, model.kernels.views)
     return gen([TF.to_tensor(img)], view0.unsqueeze(0).to(model.device), s.views, seed=s.seed)[0].cpu()
 
 
