@@ -5,6 +5,7 @@ import argparse
 import dataclasses
 
 from adaptclip.client.client import load_lines
+from adaptclip.kernels.backend import BACKENDS
 
 PRECISIONS = ["fp32", "fp16", "bf16"]
 
@@ -20,6 +21,9 @@ def add_model_flags(p: argparse.ArgumentParser, *, serving: bool = False, placem
     if placement:
         g.add_argument("--device", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
         g.add_argument("--precision", choices=PRECISIONS)
+        g.add_argument("--kernels", choices=BACKENDS,
+                       help="Triton kernels for views, GS-Bias and token selection: auto (CUDA, when triton imports), "
+                            "torch, or triton; each is checked against torch at load and falls back to it")
     if serving:
         g.add_argument("--bundle", help="serve an exported edge bundle folder (adaptclip quantize) through onnxruntime")
         g.add_argument("--name", help="served model name (default: the model name / JSON file stem)")
@@ -86,7 +90,7 @@ def model_spec(args: argparse.Namespace, base):
                                    adaptation={} if other else dict(base.adaptation))
     else:
         spec = dataclasses.replace(base)
-    for name in ("name", "device", "precision", "keep_rate"):
+    for name in ("name", "device", "precision", "keep_rate", "kernels"):
         if flag(name) is not None:
             setattr(spec, name, flag(name))
     return spec
@@ -114,4 +118,6 @@ def server_config(args: argparse.Namespace):
             setattr(cfg.cache, target_attr, flag(attr))
     if flag("no_cache"):
         cfg.cache.enabled = False
+    for spec in cfg.models if flag("kernels") else ():  # server-wide, unlike --device
+        spec.kernels = flag("kernels")
     return cfg

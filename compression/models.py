@@ -22,7 +22,9 @@ from torch import Tensor, nn
 from adaptclip.adapt.encoder import EncoderModel
 from adaptclip.adapt.methods import TextSide
 from adaptclip.adapt.settings import FieldError, settings_from_dict
+from adaptclip.compression.kernel_check import choose_kernels
 from adaptclip.compression.tokens import TokenCompressor, UnsupportedTower
+from adaptclip.kernels.backend import BACKENDS
 
 # open_clip's templates are callables; "{}" turns each into a format string.
 DEFAULT_TEMPLATES: tuple[str, ...] = tuple(t("{}") for t in SIMPLE_IMAGENET_TEMPLATES)
@@ -59,6 +61,9 @@ class ModelSpec:
     # An exported edge bundle folder (`adaptclip quantize`) served through onnxruntime instead of
     # torch; model/pretrained/precision are then unused (the bundle says what it is).
     bundle: str | None = None
+    # Triton kernels for view rendering, GS-Bias and token selection: auto (on CUDA when triton
+    # imports), torch, or triton; each is checked against torch at load and falls back to it.
+    kernels: str = "auto"
 
 
 def supports_patches(model: nn.Module) -> bool:
@@ -210,6 +215,8 @@ def load_model(spec: ModelSpec) -> TorchModel:
     name = register_model_name(spec.model)
     if spec.precision not in DTYPES:
         raise ModelLoadError(f"precision '{spec.precision}' not supported; use one of {', '.join(DTYPES)}")
+    if spec.kernels not in BACKENDS:
+        raise ModelLoadError(f"kernels '{spec.kernels}' not supported; use one of {', '.join(BACKENDS)}")
     device = resolve_device(spec.device)
     pretrained = None if spec.random_init else (spec.pretrained or None)
     if pretrained is None and not spec.random_init:
@@ -250,4 +257,5 @@ def load_model(spec: ModelSpec) -> TorchModel:
         hosted.keep_rate = hosted.check_keep_rate(spec.keep_rate, "keep_rate")
     except FieldError as exc:
         raise ModelLoadError(f"model '{hosted.name}': {exc}") from None
+    hosted.kernels = choose_kernels(hosted, spec.kernels)
     return hosted

@@ -20,11 +20,15 @@ ending at b (VTC-CLS), not reaching back past the previous reduction.
 
 keep_rate is per stage (EViT's definition): 196 patches at 0.5 -> 98 -> 49 -> 25. keep_rate = 1
 runs open_clip's own forward unchanged.
+
+`backend="triton"` (or "auto" on a CUDA tower) scores and reduces with adaptclip.kernels.token_select
+(`cls_attention` and `reduce_tokens` below are their references): same outputs and indices, ties at
+the k-th score kept by position where torch.topk leaves them unspecified.
 """
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +37,7 @@ from open_clip.transformer import (Attention, CustomResidualAttentionBlock, Resi
 from torch import Tensor, nn
 
 from adaptclip.adapt.settings import validate_keep_rate
+from adaptclip.kernels.backend import resolve, unavailable
 
 DEFAULT_FRACTIONS = (0.25, 0.5, 0.75)
 Block = ResidualAttentionBlock | CustomResidualAttentionBlock
@@ -94,7 +99,7 @@ class TokenCompressor:
     """
 
     def __init__(self, model: nn.Module, reduce_at: Sequence[int] | None = None, fuse: bool = True,
-                 score_layers: int = 1) -> None:
+                 score_layers: int = 1, backend: str = "torch") -> None:
         """model: an open_clip CLIP (its .visual is used) or a VisionTransformer.
 
         reduce_at: 0-based block indices where tokens are reduced (inside the block, after its
@@ -103,6 +108,8 @@ class TokenCompressor:
         kept 0.5 to 1.6 points more zero-shot accuracy at keep 0.7, 0.5 and 0.3; see
         bench/results/tokens-calibration.md).
         score_layers: CLS attention of this many blocks summed per score (1 = EViT).
+        backend: "torch", "triton" or "auto" for scoring and reduction (see adaptclip.kernels.backend),
+        decided here for the tower's device; `self.backend` says which runs.
         """
         visual = getattr(model, "visual", model)
         self.visual = visual
@@ -116,6 +123,10 @@ class TokenCompressor:
         self.reduce_at = tuple(stages)
         self.fuse = bool(fuse)
         self.score_layers = score_layers
+        device = next(visual.parameters()).device
+        self.backend = resolve(backend, device)
+        if self.backend == "triton" and (why := unavailable(device)):
+            raise ValueError(f"backend: {why}")
         self.batch_first = getattr(visual.transformer, "batch_first", True)
         grid = visual.grid_size
         self.n_patches = int(grid[0] * grid[1])
@@ -190,6 +201,7 @@ class TokenCompressor:
         fused = False
         scores: Tensor | None = None
         kept: list[int] = []
+        score, reduce = _stage_ops(self.backend)
         i = 0
         while i < len(self.blocks):
             if i not in self._scored:  # a run of plain blocks, called as open_clip calls them
@@ -199,12 +211,11 @@ class TokenCompressor:
                 continue
             block = self.blocks[i]
             y = block.ln_1(x)
-            attn = cls_attention(block, y)[:, 1:]
+            attn = score(block, y)[:, 1:]
             scores = attn if scores is None else scores + attn
             if i in self.reduce_at:
                 x = x + block.ls_1(self._attend(block, y))
-                x, index, fused = reduce_tokens(x, index, scores, kept_count(index.shape[1], keep_rate),
-                                                self.fuse, fused)
+                x, index, fused = reduce(x, index, scores, kept_count(index.shape[1], keep_rate), self.fuse, fused)
                 x = x + block.ls_2(block.mlp(block.ln_2(x)))
                 kept.append(index.shape[1])
                 scores = None
@@ -260,6 +271,16 @@ def reduce_tokens(x: Tensor, index: Tensor, scores: Tensor, k: int, fuse: bool,
             mass = mass + w_old
         parts.append((total / mass.clamp_min(torch.finfo(torch.float32).tiny)).to(x.dtype).unsqueeze(1))
     return torch.cat(parts, dim=1), index.gather(1, pos), fuse
+
+
+def _stage_ops(backend: str) -> tuple[
+        Callable[[Block, Tensor], Tensor], Callable[..., tuple[Tensor, Tensor, bool]]]:
+    """(cls_attention, reduce_tokens) of `backend`: the functions above, or their Triton kernels."""
+    if backend == "triton":
+        from adaptclip.kernels import token_select
+
+        return token_select.cls_attention, token_select.reduce_tokens
+    return cls_attention, reduce_tokens
 
 
 def _known_block(block: nn.Module) -> str | None:

@@ -110,6 +110,7 @@ async def classify_image(hosted: Hosted, views: ImageViews, classifier: Tensor, 
             text = model.text.prompt_side(labels)
             return await hosted.run_text(adapt_views, settings, feats, None, classifier, model.logit_scale, text)
         return await asyncio.get_running_loop().run_in_executor(
-            pool, adapt_views, settings, feats, patches, classifier, model.logit_scale)
+            pool, adapt_views, settings, feats, patches, classifier, model.logit_scale, None, model.kernels.gs_bias,
+            model.device)
 
     return await adapt_image(views, s, classifier, model.logit_scale, model.logit_bias, run_method)
