@@ -7,7 +7,8 @@ triton.testing.do_bench (median ms) in the same run, and one table is printed wi
   achieved GB/s counts the bytes a perfect kernel moves (the photo once, every view once) and
   is compared with the GPU's memory bandwidth.
 - gsbias: 16 images x 64 views x 1,000 classes, D = 512, P = 196, K = 16, official settings,
-  fp32 and fp16 features, target >= 10x.
+  fp32 and fp16 features, target >= 10x; and one image (what the server runs per request: compare
+  its time with the 16-image row's over 16 to see what batching requests into one launch would save).
 - tokens: one ViT-B-16 reduction stage, 64 images x 197 tokens x 768, keep 0.7, fused, target >= 2x.
 - scores: the CLS-attention score of one ViT-B-16 block (12 heads) on the same tokens, no target.
 
@@ -16,7 +17,7 @@ inputs in Triton's CPU interpreter (it sets TRITON_INTERPRET=1 before triton is 
 prints its max difference to the reference: a correctness check, not a timing.
 
     .venv/bin/python bench/kernels.py                    # on a CUDA machine
-    .venv/bin/python bench/kernels.py --ops views --peak-gbs 4800
+    .venv/bin/python bench/kernels.py --ops views --peak-gbs 4800 --json /tmp/kernels.json
     .venv/bin/python bench/kernels.py --smoke            # anywhere
     .venv/bin/python bench/kernels.py --compile 90       # anywhere: build every kernel for sm_90
 
@@ -61,6 +62,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              f"else {DEFAULT_PEAK_GBS:g})")
     parser.add_argument("--warmup", type=int, default=25, help="do_bench warm-up, ms")
     parser.add_argument("--rep", type=int, default=200, help="do_bench measuring time, ms")
+    parser.add_argument("--json", metavar="PATH", help="also write the CUDA results (device, rows) as JSON")
     parser.add_argument("--smoke", action="store_true", help="tiny interpreter check on CPU, no timing")
     parser.add_argument("--compile", type=int, metavar="ARCH", help="only compile for sm_ARCH (e.g. 90), no GPU")
     return parser.parse_args(argv)
@@ -86,7 +88,7 @@ def crop_boxes(n: int, height: int, width: int, seed: int = 0) -> list[tuple[int
 
 
 def views_case(device: str, n_views: int, size: int, photo: tuple[int, int], out_dtype: torch.dtype) -> Case:
-    from adaptclip.kernels.views import render_views, render_views_torch
+    from adaptclip.kernels.views import render_batch, render_batch_torch
 
     height, width = photo
     image = torch.rand(3, height, width, generator=torch.Generator().manual_seed(0)).to(device)
@@ -95,7 +97,7 @@ def views_case(device: str, n_views: int, size: int, photo: tuple[int, int], out
     args = ([image], boxes, flips, size, (0.48, 0.46, 0.41), (0.27, 0.26, 0.28), "bicubic", out_dtype)
     moved = image.numel() * image.element_size() + n_views * 3 * size * size * out_dtype.itemsize
     return Case("views", f"V={n_views} {size}px from {width}x{height} fp32 -> {_name(out_dtype)}",
-                lambda: render_views(*args), lambda: render_views_torch(*args), TARGETS["views"], moved)
+                lambda: render_batch(*args), lambda: render_batch_torch(*args), TARGETS["views"], moved)
 
 
 def gsbias_case(device: str, batch: int, views: int, classes: int, dim: int, patches: int, top_k: int,
@@ -151,6 +153,8 @@ def cases(ops: list[str], device: str, small: bool) -> list[Case]:
         dtypes = (torch.float32,) if small else (torch.float32, torch.float16)
         shape = (2, 8, 40, 16, 10, 4) if small else (16, 64, 1000, 512, 196, 16)
         out += [gsbias_case(device, *shape, dt) for dt in dtypes]
+        if not small:  # one request's GS-Bias, as the server launches it
+            out.append(gsbias_case(device, 1, *shape[1:], torch.float32))
     if "tokens" in ops:
         out.append(tokens_case(device, 2, 17, 24, 0.7, torch.float32) if small
                    else tokens_case(device, 64, 197, 768, 0.7, torch.float16))
@@ -175,27 +179,50 @@ def peak_bandwidth(requested: float | None) -> tuple[float, str]:
     return DEFAULT_PEAK_GBS, "default"
 
 
-def run_cuda(args: argparse.Namespace) -> None:
+def measure(args: argparse.Namespace) -> tuple[dict, list[dict]]:
+    """Check then time every case on CUDA: (device facts, one row per case)."""
+    import triton
     from triton.testing import do_bench
 
     peak, source = peak_bandwidth(args.peak_gbs)
-    print(f"GPU: {torch.cuda.get_device_name(0)}; memory bandwidth {peak:,.0f} GB/s ({source}); "
-          f"torch {torch.__version__}")
-    header = f"{'op':7} {'shape':52} {'max |diff|':>10} {'torch ms':>9} {'triton ms':>9} {'speed-up':>8} " \
-             f"{'target':>6} {'GB/s':>7} {'% peak':>6}"
-    print(header)
-    print("-" * len(header))
+    props = torch.cuda.get_device_properties(0)
+    device = dict(gpu=torch.cuda.get_device_name(0), capability=f"sm_{props.major}{props.minor}",
+                  peak_gbs=peak, peak_source=source, torch=torch.__version__, triton=triton.__version__)
+    rows = []
     for case in cases(args.ops, "cuda", small=False):
         diff = max_diff(case)
         t_ref = do_bench(case.torch_ref, warmup=args.warmup, rep=args.rep, return_mode="median")
         t_ker = do_bench(case.kernel, warmup=args.warmup, rep=args.rep, return_mode="median")
-        speedup = t_ref / t_ker
-        gbs = case.min_bytes / (t_ker * 1e-3) / 1e9
-        throughput = f"{gbs:7.0f} {100 * gbs / peak:5.1f}%" if case.min_bytes else f"{'-':>7} {'-':>6}"
-        target, verdict = ("-", "") if case.target is None else (
-            f"{case.target:.0f}x", "ok" if speedup >= case.target else "MISS")
-        print(f"{case.op:7} {case.shape:52} {diff:10.2e} {t_ref:9.3f} {t_ker:9.3f} {speedup:7.1f}x "
-              f"{target:>6} {throughput}  {verdict}")
+        gbs = case.min_bytes / (t_ker * 1e-3) / 1e9 if case.min_bytes else None
+        rows.append(dict(op=case.op, shape=case.shape, max_diff=diff, torch_ms=t_ref, triton_ms=t_ker,
+                         speedup=t_ref / t_ker, target=case.target, gbs=gbs,
+                         peak_pct=None if gbs is None else 100 * gbs / peak))
+    return device, rows
+
+
+def table(device: dict, rows: list[dict]) -> str:
+    """The results as printed: the GPU line, then one line per case."""
+    header = f"{'op':7} {'shape':52} {'max |diff|':>10} {'torch ms':>9} {'triton ms':>9} {'speed-up':>8} " \
+             f"{'target':>6} {'GB/s':>7} {'% peak':>6}"
+    lines = [f"GPU: {device['gpu']} ({device['capability']}); memory bandwidth {device['peak_gbs']:,.0f} GB/s "
+             f"({device['peak_source']}); torch {device['torch']}, triton {device['triton']}", header, "-" * len(header)]
+    for r in rows:
+        throughput = f"{'-':>7} {'-':>6}" if r["gbs"] is None else f"{r['gbs']:7.0f} {r['peak_pct']:5.1f}%"
+        target, verdict = ("-", "") if r["target"] is None else (
+            f"{r['target']:.0f}x", "ok" if r["speedup"] >= r["target"] else "MISS")
+        lines.append(f"{r['op']:7} {r['shape']:52} {r['max_diff']:10.2e} {r['torch_ms']:9.3f} {r['triton_ms']:9.3f} "
+                     f"{r['speedup']:7.1f}x {target:>6} {throughput}  {verdict}")
+    return "\n".join(lines)
+
+
+def run_cuda(args: argparse.Namespace) -> None:
+    import json
+
+    device, rows = measure(args)
+    print(table(device, rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(command=" ".join(sys.argv), device=device, rows=rows), f, indent=1)
 
 
 def run_smoke(args: argparse.Namespace) -> None:
