@@ -144,12 +144,16 @@ def test_a_failing_kernel_falls_back_to_torch(tiny_spec: ModelSpec, monkeypatch:
     assert sum("warm-up check" in r.getMessage() for r in caplog.records) == 2
 
 
-def test_kernels_setting_and_flag(tiny_spec: ModelSpec, tmp_path) -> None:
+def test_kernels_setting_and_flag(tiny_spec: ModelSpec, tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ModelLoadError, match="kernels 'cuda' not supported"):
         load_model(dataclasses.replace(tiny_spec, kernels="cuda"))
     auto = load_model(tiny_spec)  # the default, on a CPU: torch, kernels not checked
     assert (auto.kernels.requested, auto.kernels.views, auto.kernels.gs_bias, auto.kernels.tokens) == (
         "auto", "torch", "torch", "torch")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # a server process: compiled kernels, which need CUDA
+    refused = load_model(dataclasses.replace(tiny_spec, kernels="triton"))
+    assert (refused.kernels.views, refused.kernels.gs_bias, refused.kernels.tokens) == ("torch",) * 3
+    assert "need a CUDA device" in refused.kernels.notes[0]
     config = tmp_path / "server.yaml"
     config.write_text("models:\n  - model: a\n    kernels: torch\n  - model: b\n")
     parser = argparse.ArgumentParser()
