@@ -27,6 +27,8 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cache-bytes", type=int, dest="cache_max_bytes", help="in-process cache budget in bytes")
     p.add_argument("--cache-ttl", type=int, dest="cache_ttl_s", help="Redis entry lifetime in seconds")
     p.add_argument("--no-cache", action="store_true", help="no caching at all")
+    p.add_argument("--state-dir", help="without Redis: keep registered label sets in this folder across restarts")
+    p.add_argument("--label-set-cache-size", type=int, help="label sets whose classifiers stay built (default 256)")
     p.add_argument("--log-level", default="INFO")
 
 

@@ -106,7 +106,8 @@ def server_config(args: argparse.Namespace):
         cfg.models[0] = model_spec(args, cfg.models[0])
     for attr, target in (("host", cfg), ("port", cfg), ("max_batch_size", cfg.batching),
                          ("max_queue_delay_ms", cfg.batching), ("max_queue_size", cfg.batching),
-                         ("max_image_bytes", cfg.limits), ("max_image_pixels", cfg.limits), ("max_labels", cfg.limits)):
+                         ("max_image_bytes", cfg.limits), ("max_image_pixels", cfg.limits), ("max_labels", cfg.limits),
+                         ("state_dir", cfg), ("label_set_cache_size", cfg)):
         if flag(attr) is not None:
             setattr(target, attr, flag(attr))
     for attr, target_attr in (("redis_url", "redis_url"), ("cache_max_bytes", "max_bytes"), ("cache_ttl_s", "ttl_s")):
@@ -114,4 +115,5 @@ def server_config(args: argparse.Namespace):
             setattr(cfg.cache, target_attr, flag(attr))
     if flag("no_cache"):
         cfg.cache.enabled = False
+    cfg.check()
     return cfg
