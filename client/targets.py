@@ -53,7 +53,8 @@ def _addresses(host: str, port: int) -> list[ipaddress.IPv4Address | ipaddress.I
 def list_target(addresses: str) -> str:
     """`host1:port,host2:port` as one `ipv4:`/`ipv6:` target (gRPC has no scheme for several names): names
     are resolved here, once; all IPv4 when every host has an IPv4 address, else all IPv6."""
-    resolved = [(port, _addresses(host, port)) for host, port in map(_split, addresses.split(","))]
+    parsed = [_split(a) for a in addresses.split(",")]  # every address well formed before any look-up
+    resolved = [(port, _addresses(host, port)) for host, port in parsed]
     for family, scheme in ((ipaddress.IPv4Address, "ipv4"), (ipaddress.IPv6Address, "ipv6")):
         if all(any(isinstance(a, family) for a in addrs) for _, addrs in resolved):
             fmt = "{}:{}" if scheme == "ipv4" else "[{}]:{}"
