@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 from collections import OrderedDict
 
+import grpc
 import torch
 
 from adaptclip.compression.models import DEFAULT_TEMPLATES
 from adaptclip.server.cache import Cache, Unreachable
 from adaptclip.server.config import Limits
-from adaptclip.server.errors import invalid, not_found
+from adaptclip.server.errors import RequestError, invalid, not_found
 from adaptclip.server.hosting import Hosted
 from adaptclip.server.keys import classifier_key
 from adaptclip.server.labelstore import Durable, LabelSetDef, label_set_id
@@ -91,10 +92,11 @@ class LabelSetStore:
         if ls is None:
             try:
                 ls = await self.durable.get(ls_id)
-            except Unreachable as exc:
-                raise not_found(field, f"unknown label set '{ls_id}' on this replica, and the label-set store "
-                                f"({self.durable.backend.name}) is unreachable ({exc.kind}): a set registered on another "
-                                f"replica cannot be looked up now; retry later, or send the labels inline") from None
+            except Unreachable as exc:  # UNAVAILABLE, not NOT_FOUND: a retry (on another replica) may find it
+                raise RequestError(grpc.StatusCode.UNAVAILABLE, field, f"label set '{ls_id}' is not on this replica, "
+                                   f"and the label-set store ({self.durable.backend.name}) is unreachable ({exc.kind}): "
+                                   f"a set registered on another replica cannot be looked up now; retry (another "
+                                   f"replica may hold it), or send the labels inline") from None
             if ls is None:
                 raise not_found(field, f"unknown label set '{ls_id}' (register it with RegisterLabelSet, or send it inline)")
         return self._remember(ls)

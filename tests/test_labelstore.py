@@ -14,6 +14,7 @@ import time
 import grpc
 import numpy as np
 import pytest
+import redis
 from grpc_health.v1 import health_pb2
 
 from adaptclip.client import Client, cli
@@ -56,10 +57,10 @@ def _until(check, timeout_s: float = 15.0):
         time.sleep(0.1)
 
 
-def _not_found(client: Client, ls_id: str) -> str:
+def _refused(client: Client, ls_id: str, code: grpc.StatusCode = grpc.StatusCode.NOT_FOUND) -> str:
     with pytest.raises(grpc.RpcError) as err:
         client.classify(make_image(1), label_set_id=ls_id)
-    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    assert err.value.code() == code
     return err.value.details()
 
 
@@ -94,7 +95,7 @@ def test_tampered_entries_and_foreign_ids_are_not_found(tiny_spec, tmp_path, red
         try:
             with Client(srv.target) as c:
                 for ls_id in (claimed, "../secret", "ls_" + "0" * 32):
-                    assert "unknown label set" in _not_found(c, ls_id)
+                    assert "unknown label set" in _refused(c, ls_id)
         finally:
             srv.stop()
 
@@ -121,9 +122,11 @@ def test_redis_outage_registered_set_works_here_and_is_written_when_redis_return
             ref = ca.register_label_set(["owl", "hawk", "crow"])
             assert ca.classify(make_image(6), label_set_id=ref.label_set_id).model == "a"
             assert time.monotonic() - start < 5, "a dead Redis must not hold requests"
-            details = _not_found(cb, ref.label_set_id)
+            details = _refused(cb, ref.label_set_id, grpc.StatusCode.UNAVAILABLE)
             assert "label-set store (redis) is unreachable" in details and ref.label_set_id in details
             assert ref.label_set_id in a.app.service.labels.durable.pending
+            with Client(f"{a.target},{b.target}") as both:  # b's UNAVAILABLE is retried, on a
+                assert {both.classify(make_image(i), label_set_id=ref.label_set_id).model for i in range(6)} == {"a"}
             redis_server.start()
             _until(lambda: redis_server.client().exists(RedisStore.key(ref.label_set_id)))
             assert _until(lambda: cb.classify(make_image(6), label_set_id=ref.label_set_id)).model == "b"
@@ -139,12 +142,14 @@ def test_slow_redis_holds_a_lookup_no_longer_than_the_call_bound(tiny_spec, redi
         with Client(srv.target, timeout_s=10) as c:
             slept = []
             blocker = threading.Thread(
-                target=lambda: slept.append(redis_server.client().execute_command("DEBUG", "SLEEP", "2")))
+                target=lambda: slept.append(redis.Redis(port=redis_server.port, socket_timeout=10)
+                                            .execute_command("DEBUG", "SLEEP", "3")))
             blocker.start()
             time.sleep(0.1)
             start = time.monotonic()
-            assert "unreachable (timeout)" in _not_found(c, "ls_" + "1" * 32)
-            assert time.monotonic() - start < 1.5
+            details = _refused(c, "ls_" + "1" * 32, grpc.StatusCode.UNAVAILABLE)  # after the client's 5 tries
+            assert "unreachable (timeout)" in details or "unreachable (unavailable)" in details
+            assert time.monotonic() - start < 2.0, "each try waits one 100 ms bound at most"
             blocker.join()
             assert slept, "Redis did not sleep: the test proved nothing"
     finally:
@@ -240,3 +245,13 @@ def test_config_rules(tmp_path, capsys):
     cli._serve_parser(parser.add_subparsers())
     got = server_config(parser.parse_args(["serve", "--state-dir", str(tmp_path), "--label-set-cache-size", "3"]))
     assert (got.state_dir, got.label_set_cache_size) == (str(tmp_path), 3)
+
+
+def test_classify_cli_takes_several_addresses(server, capsys, tmp_path):
+    image = tmp_path / "a.png"
+    image.write_bytes(make_image(9))
+    both = f"{server.target},localhost:{server.port}"
+    assert cli.main(["classify", str(image), "--labels", "cat,dog", "--server", both, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["top"]
+    assert cli.main(["classify", str(image), "--labels", "cat", "--server", f"{server.target},oops"]) == 2
+    assert "expected HOST:PORT" in capsys.readouterr().err
