@@ -84,11 +84,12 @@ def main() -> None:
             r.kill()
         redis.kill()
     base = rows[0]
-    print("| run | requests | failed | p50 ms | p99 ms | ±0.5 s of the kill: requests | p50 ms | p99 ms "
+    print("| run | requests | failed | requests/s | p50 ms | p99 ms | ±0.5 s of the kill: requests | p50 ms | p99 ms "
           "| in flight at the kill | max ms | p99 vs baseline |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['run']} | {r['requests']} | {r['failed']} | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} "
+        print(f"| {r['run']} | {r['requests']} | {r['failed']} | {r['requests'] / r['wall_s']:.1f} "
+              f"| {r['p50_ms']:.0f} | {r['p99_ms']:.0f} "
               f"| {r['near_requests']} | {r['near_p50_ms']:.0f} | {r['near_p99_ms']:.0f} | {r['in_flight_at_mark']} "
               f"| {r['max_ms']:.0f} | {r['p99_ms'] / base['p99_ms']:.2f}x |")
     for r in rows:
