@@ -27,6 +27,8 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cache-bytes", type=int, dest="cache_max_bytes", help="in-process cache budget in bytes")
     p.add_argument("--cache-ttl", type=int, dest="cache_ttl_s", help="Redis entry lifetime in seconds")
     p.add_argument("--no-cache", action="store_true", help="no caching at all")
+    p.add_argument("--state-dir", help="without Redis: keep registered label sets in this folder across restarts")
+    p.add_argument("--label-set-cache-size", type=int, help="label sets whose classifiers stay built (default 256)")
     p.add_argument("--log-level", default="INFO")
 
 
@@ -36,7 +38,8 @@ def _classify_parser(sub: argparse._SubParsersAction) -> None:
     flags.add_label_flags(p)
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--model", default="", help="served model name (default: the server's default)")
-    p.add_argument("--server", default="localhost:50051", help="HOST:PORT")
+    p.add_argument("--server", default="localhost:50051",
+                   help="HOST:PORT, several comma-separated, or dns:///NAME:PORT (balanced round robin)")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per image")
     p.add_argument("--json", action="store_true", help="one JSON line per image")
     p.add_argument("--keep-rate", type=float, help="token compression for these requests (default: the model's)")
@@ -81,7 +84,12 @@ def cmd_classify(args: argparse.Namespace) -> int:
     labels, templates = flags.labels_from_args(args)
     adaptation = flags.adaptation_from_args(args)
     failed = 0
-    with Client(args.server, timeout_s=args.timeout) as client:
+    try:
+        client = Client(args.server, timeout_s=args.timeout)
+    except ValueError as exc:  # a malformed or unresolvable --server list
+        print(f"adaptclip classify: --server: {exc}", file=sys.stderr)
+        return 2
+    with client:
         try:
             ref = client.register_label_set(labels, templates)
         except grpc.RpcError as exc:

@@ -34,7 +34,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--concurrency", type=int, default=32,
                    help="images in flight (with --engine ray: images per batch in each worker)")
     where = p.add_mutually_exclusive_group()
-    where.add_argument("--server", metavar="HOST:PORT", help="classify through a running service")
+    where.add_argument("--server", metavar="HOST:PORT", help="classify through a running service (several "
+                       "HOST:PORT comma-separated, or dns:///NAME:PORT: balanced round robin)")
     where.add_argument("--local", action="store_true", help="load the model in this process (the default)")
     p.add_argument("--engine", choices=["local", "ray"], default="local",
                    help="local: this process; ray: Ray Data with an actor pool holding the model (pip install 'adaptclip[ray]')")

@@ -7,6 +7,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from adaptclip.client.targets import channel_target
 from adaptclip.v1 import classifier_pb2 as pb
 from adaptclip.v1 import classifier_pb2_grpc as pb_grpc
 
@@ -39,10 +40,12 @@ def classify_request(image: bytes | str | Path, *, labels: Sequence[str] | None 
 
 
 class Client:
-    """Blocking client. Use as a context manager, or call close()."""
+    """Blocking client. Use as a context manager, or call close(). `target`: HOST:PORT, several of them
+    comma-separated, or dns:///NAME:PORT (balanced round robin, retried on UNAVAILABLE: client/targets.py)."""
 
     def __init__(self, target: str = "localhost:50051", timeout_s: float | None = 60.0) -> None:
-        self.channel = grpc.insecure_channel(target, options=_OPTIONS)
+        target, balancing = channel_target(target)
+        self.channel = grpc.insecure_channel(target, options=_OPTIONS + balancing)
         self.stub = pb_grpc.ClassifierStub(self.channel)
         self.timeout_s = timeout_s
 
@@ -94,7 +97,8 @@ class AsyncClient:
     """asyncio client over grpc.aio; same methods as Client, awaitable."""
 
     def __init__(self, target: str = "localhost:50051", timeout_s: float | None = 60.0) -> None:
-        self.channel = grpc.aio.insecure_channel(target, options=_OPTIONS)
+        target, balancing = channel_target(target)
+        self.channel = grpc.aio.insecure_channel(target, options=_OPTIONS + balancing)
         self.stub = pb_grpc.ClassifierStub(self.channel)
         self.timeout_s = timeout_s
 

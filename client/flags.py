@@ -110,7 +110,8 @@ def server_config(args: argparse.Namespace):
         cfg.models[0] = model_spec(args, cfg.models[0])
     for attr, target in (("host", cfg), ("port", cfg), ("max_batch_size", cfg.batching),
                          ("max_queue_delay_ms", cfg.batching), ("max_queue_size", cfg.batching),
-                         ("max_image_bytes", cfg.limits), ("max_image_pixels", cfg.limits), ("max_labels", cfg.limits)):
+                         ("max_image_bytes", cfg.limits), ("max_image_pixels", cfg.limits), ("max_labels", cfg.limits),
+                         ("state_dir", cfg), ("label_set_cache_size", cfg)):
         if flag(attr) is not None:
             setattr(target, attr, flag(attr))
     for attr, target_attr in (("redis_url", "redis_url"), ("cache_max_bytes", "max_bytes"), ("cache_ttl_s", "ttl_s")):
@@ -120,4 +121,5 @@ def server_config(args: argparse.Namespace):
         cfg.cache.enabled = False
     for spec in cfg.models if flag("kernels") else ():  # server-wide, unlike --device
         spec.kernels = flag("kernels")
+    cfg.check()
     return cfg

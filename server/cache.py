@@ -14,8 +14,9 @@ import logging
 import struct
 import time
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import redis.asyncio as aioredis
@@ -25,6 +26,7 @@ log = logging.getLogger(__name__)
 SCHEMA = 2  # bump when the layout of an entry or of a key changes (2: reports store the method by name)
 _MAGIC = b"ACC1"
 _DIGEST = 16
+T = TypeVar("T")
 
 
 class CorruptEntry(ValueError):
@@ -112,21 +114,27 @@ class MemoryBackend:
         self._data.clear()
 
 
+def redis_client(url: str, timeout_s: float) -> aioredis.Redis:
+    """The one redis-py asyncio client setup (cache and label-set store): every socket wait bounded."""
+    return aioredis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+                             retry_on_timeout=False, health_check_interval=30)
+
+
 class RedisBackend:
-    """redis-py asyncio; run Redis with `maxmemory` and `maxmemory-policy allkeys-lru` (see docker-compose.yml)."""
+    """redis-py asyncio. Every entry gets a TTL, so a Redis run with `maxmemory-policy volatile-lru` (see
+    docker-compose.yml) evicts cache entries under memory pressure and never the label sets beside them."""
 
     name = "redis"
 
     def __init__(self, url: str, ttl_s: int, timeout_s: float) -> None:
         self.ttl_s = ttl_s
-        self._client = aioredis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
-                                         retry_on_timeout=False, health_check_interval=30)
+        self._client = redis_client(url, timeout_s)
 
     async def get(self, key: str) -> bytes | None:
         return await self._client.get(key)
 
     async def set(self, key: str, value: bytes) -> None:
-        await self._client.set(key, value, ex=self.ttl_s if self.ttl_s > 0 else None)
+        await self._client.set(key, value, ex=self.ttl_s)
 
     async def close(self) -> None:
         await self._client.aclose()
@@ -157,30 +165,56 @@ class CacheStats:
         return total
 
 
+class Unreachable(Exception):
+    """A bounded call did not get an answer; `kind` is timeout, backend (it failed) or unavailable (backing off)."""
+
+    def __init__(self, kind: str, cause: BaseException | str) -> None:
+        super().__init__(f"{kind}: {cause}")
+        self.kind = kind
+
+
+class Bounded:
+    """Calls to a remote backend that never wait past `timeout_s`; after a failure the backend is skipped
+    for `retry_after_s`, so a dead one costs each request at most one bounded wait per back-off."""
+
+    def __init__(self, timeout_s: float, retry_after_s: float) -> None:
+        self.timeout_s = timeout_s
+        self.retry_after_s = retry_after_s
+        self._skip_until = 0.0
+
+    async def call(self, coro_fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        if time.monotonic() < self._skip_until:
+            raise Unreachable("unavailable", "backing off after an error")
+        try:
+            return await asyncio.wait_for(coro_fn(*args), self.timeout_s)
+        except (Exception, asyncio.TimeoutError) as exc:  # noqa: BLE001 - callers decide; none may hang
+            self._skip_until = time.monotonic() + self.retry_after_s
+            raise Unreachable("timeout" if isinstance(exc, asyncio.TimeoutError) else "backend", exc) from exc
+
+
 class Cache:
     """Typed get/put over a backend; never raises, never waits past `timeout_s`."""
 
     def __init__(self, backend: Backend, timeout_s: float = 0.05, retry_after_s: float = 1.0,
                  stats: CacheStats | None = None) -> None:
         self.backend = backend
-        self.timeout_s = timeout_s
-        self.retry_after_s = retry_after_s
+        self.bounded = Bounded(timeout_s, retry_after_s)
         self.stats = stats or CacheStats()
-        self._skip_until = 0.0
+
+    @property
+    def shared(self) -> bool:
+        """Whether other processes see these entries (so worth filling with what every replica builds)."""
+        return isinstance(self.backend, RedisBackend)
 
     def _error(self, level: str, kind: str, exc: BaseException | str) -> None:
         self.stats.errors.labels(self.backend.name, level, kind).inc()
         log.debug("cache %s error on %s: %s", kind, level, exc)
 
     async def _call(self, level: str, coro_fn, *args):
-        if time.monotonic() < self._skip_until:
-            self._error(level, "unavailable", "backing off")
-            return None
         try:
-            return await asyncio.wait_for(coro_fn(*args), self.timeout_s)
-        except (Exception, asyncio.TimeoutError) as exc:  # noqa: BLE001 - the cache must never fail a request
-            self._skip_until = time.monotonic() + self.retry_after_s
-            self._error(level, "timeout" if isinstance(exc, asyncio.TimeoutError) else "backend", exc)
+            return await self.bounded.call(coro_fn, *args)
+        except Unreachable as exc:  # the cache must never fail a request
+            self._error(level, exc.kind, exc)
             return None
 
     async def get(self, level: str, key: str) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:

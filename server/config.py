@@ -33,7 +33,7 @@ class CacheConfig:
     enabled: bool = True
     redis_url: str | None = None  # e.g. redis://localhost:6379/0; None = in-process LRU
     max_bytes: int = 512 * 1024 * 1024  # in-process LRU budget
-    ttl_s: int = 24 * 3600  # Redis entry lifetime (0 = none; rely on allkeys-lru)
+    ttl_s: int = 24 * 3600  # Redis entry lifetime; > 0 with Redis (volatile-lru evicts only keys with a TTL)
     timeout_ms: float = 50.0  # per cache call; past it the request computes instead
     retry_after_s: float = 1.0  # after a Redis error, skip it this long before trying again
 
@@ -46,13 +46,24 @@ class ServerConfig:
     limits: Limits = field(default_factory=Limits)
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
-    label_set_cache_size: int = 256  # label sets kept (classifiers per model)
+    label_set_cache_size: int = 256  # label sets whose classifiers stay built (per model); the rest are re-read
+    label_set_memory_bytes: int = 64 * 1024 * 1024  # label sets kept in memory when there is no Redis, no state_dir
+    state_dir: str | None = None  # without Redis: registered label sets kept here, across restarts
     preprocess_workers: int = 2  # threads decoding and preprocessing images
     grace_period_s: float = 30.0  # SIGTERM: how long in-flight work may take to finish
 
     @property
     def default_model(self) -> ModelSpec:
         return self.models[0]
+
+    def check(self) -> None:
+        """Refuse settings that only fail together (ValueError, reported as a bad config)."""
+        c = self.cache
+        if c.redis_url and c.enabled and c.ttl_s <= 0:
+            raise ValueError("cache.ttl_s (--cache-ttl) must be > 0 with Redis: label sets share it, so it runs "
+                             "maxmemory-policy volatile-lru, which evicts only keys with a TTL")
+        if c.redis_url and self.state_dir:
+            raise ValueError("state_dir (--state-dir) and cache.redis_url (--redis-url) both keep label sets: give one")
 
 
 def _build(cls: type, data: dict[str, Any], where: str) -> Any:

@@ -40,3 +40,8 @@ def result_key(feat_key: str, label_set_id: str, s: AdaptSettings) -> str:
         "method": s.method, "ratio": s.ratio, "steps": s.steps, "alpha": s.alpha, "beta": s.beta,
         "top_k": s.spatial_top_k, "skip": s.skip_entropy, "chunk": s.view_chunk, "lr": s.tpt_lr}
     return feat_key.replace(":features:", ":result:", 1) + f":{label_set_id}:{_digest(settings)}"
+
+
+def classifier_key(fingerprint: str, label_set_id: str) -> str:
+    """Key of a label set's text classifier for one model's weights (built once, shared by replicas)."""
+    return f"adaptclip:{SCHEMA}:classifier:{fingerprint}:{label_set_id}"

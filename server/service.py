@@ -21,6 +21,7 @@ from adaptclip.server.errors import RequestError, failed_precondition, invalid, 
 from adaptclip.server.hosting import Hosted
 from adaptclip.server.keys import feature_key, image_digest, result_key, token_tag
 from adaptclip.server.labels import LabelSetDef, LabelSetStore, fixed_sets_hint, label_set_id, validate_label_set
+from adaptclip.server.labelstore import open_store
 from adaptclip.server.pipeline import ImageViews, classify_image
 from adaptclip.server.results import entry_from_outcome, outcome_from_entry
 from adaptclip.v1 import classifier_pb2 as pb
@@ -32,10 +33,11 @@ STREAM_WINDOW = 64  # requests of one stream in flight at once
 
 class ClassifierService(pb_grpc.ClassifierServicer):
     def __init__(self, cfg: ServerConfig) -> None:
+        cfg.check()
         self.cfg = cfg
         self.models: dict[str, Hosted] = {}
         self.default_model = ""
-        self.labels = LabelSetStore(cfg.label_set_cache_size)
+        self.labels = LabelSetStore(cfg.label_set_cache_size, open_store(cfg))
         self.cache: Cache | None = None
         self._pre_pool = concurrent.futures.ThreadPoolExecutor(cfg.preprocess_workers, thread_name_prefix="decode")
         self.ready = asyncio.Event()
@@ -53,9 +55,15 @@ class ClassifierService(pb_grpc.ClassifierServicer):
             await h.close()
         if self.cache is not None:
             await self.cache.close()
+        await self.labels.close()
         self._pre_pool.shutdown(wait=False, cancel_futures=True)
 
     # -- lookups ----------------------------------------------------------------------------
+    @property
+    def _shared_cache(self) -> Cache | None:
+        """The cache when other replicas see it: classifiers built here are worth storing there."""
+        return self.cache if self.cache is not None and self.cache.shared else None
+
     def _hosted(self, name: str) -> Hosted:
         if not self.ready.is_set():
             raise RequestError(grpc.StatusCode.UNAVAILABLE, "model", "models are still loading; retry shortly")
@@ -64,11 +72,11 @@ class ClassifierService(pb_grpc.ClassifierServicer):
             raise not_found("model", f"unknown model '{name}'; loaded: {', '.join(self.models)}")
         return hosted
 
-    def _label_set(self, req: pb.ClassifyRequest, hosted: Hosted) -> LabelSetDef:
+    async def _label_set(self, req: pb.ClassifyRequest, hosted: Hosted) -> LabelSetDef:
         """The request's label set, checked against what `hosted` can classify before it is stored."""
         which = req.WhichOneof("labels")
         if which == "label_set_id":
-            ls = self.labels.get(req.label_set_id)
+            ls = await self.labels.get(req.label_set_id)
         elif which == "label_set":
             ls = validate_label_set(list(req.label_set.labels), list(req.label_set.templates), self.cfg.limits,
                                     "label_set")
@@ -76,7 +84,7 @@ class ClassifierService(pb_grpc.ClassifierServicer):
             raise invalid("label_set", "no labels given: set label_set (inline labels) or label_set_id")
         if not hosted.model.can_classify(ls.labels, ls.templates):
             raise failed_precondition(which, fixed_sets_hint(hosted))
-        return self.labels.add(ls)
+        return await self.labels.add(ls)
 
     def _preprocess(self, hosted: Hosted, data: bytes, field: str) -> tuple[Image.Image, torch.Tensor]:
         img = decode_image(data, max_bytes=self.cfg.limits.max_image_bytes,
@@ -101,7 +109,7 @@ class ClassifierService(pb_grpc.ClassifierServicer):
                                       f"'{model.name}' has none; use gs_bias or zero")
         keep_rate = model.check_keep_rate(
             req.token_keep_rate if req.HasField("token_keep_rate") else model.keep_rate, "token_keep_rate")
-        ls = self._label_set(req, hosted)
+        ls = await self._label_set(req, hosted)
         check_image_bytes(req.image, self.cfg.limits.max_image_bytes)
         fkey = feature_key(model.fingerprint, image_digest(req.image), settings, token_tag(model, keep_rate))
         rkey = result_key(fkey, ls.id, settings)
@@ -112,7 +120,7 @@ class ClassifierService(pb_grpc.ClassifierServicer):
         if cached is not None and (out := outcome_from_entry(cached, len(ls.labels))) is not None:
             resp.cache_hit, resp.cache_level = True, pb.CACHE_RESULT
         else:
-            classifier_task = asyncio.ensure_future(self.labels.classifier(hosted, ls))
+            classifier_task = asyncio.ensure_future(self.labels.classifier(hosted, ls, self._shared_cache))
             entry = await self.cache.get("features", fkey) if self.cache else None
             views = ImageViews(hosted, settings, lambda: self._decode(hosted, req.image), timeout_s,
                                self._pre_pool, entry, keep_rate)
@@ -182,9 +190,9 @@ class ClassifierService(pb_grpc.ClassifierServicer):
         able = [h for h in list(self.models.values()) if h.model.can_classify(ls.labels, ls.templates)]
         if not able:
             raise failed_precondition("label_set", " / ".join(fixed_sets_hint(h) for h in self.models.values()))
-        self.labels.add(ls)
+        await self.labels.add(ls)
         for hosted in able:
-            await self.labels.classifier(hosted, ls)
+            await self.labels.classifier(hosted, ls, self._shared_cache)
         return pb.LabelSetRef(label_set_id=ls.id, num_labels=len(ls.labels), num_templates=len(ls.templates))
 
     @rpc

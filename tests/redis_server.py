@@ -20,11 +20,11 @@ def free_port() -> int:
 class RedisServer:
     """`start()` / `kill()` (SIGKILL) / `start()` again on the same port, as an outage would."""
 
-    def __init__(self, workdir: Path, maxmemory: str = "64mb") -> None:
+    def __init__(self, workdir: Path, maxmemory: str = "64mb", policy: str = "volatile-lru") -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server not installed: run `bash install.sh --test` (apt-get install redis-server)")
-        self.binary, self.workdir, self.maxmemory = binary, workdir, maxmemory
+        self.binary, self.workdir, self.maxmemory, self.policy = binary, workdir, maxmemory, policy
         self.port = free_port()
         self.proc: subprocess.Popen | None = None
 
@@ -38,7 +38,7 @@ class RedisServer:
     def start(self) -> RedisServer:
         self.proc = subprocess.Popen(
             [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.workdir), "--maxmemory", self.maxmemory, "--maxmemory-policy", "allkeys-lru",
+             "--dir", str(self.workdir), "--maxmemory", self.maxmemory, "--maxmemory-policy", self.policy,
              "--enable-debug-command", "local"],  # DEBUG SLEEP simulates a slow Redis
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10

@@ -156,9 +156,10 @@ def test_corrupt_entries_are_recomputed_and_overwritten(redis_server, tiny_spec)
     try:
         with Client(srv.target) as c:
             first = c.classify(img, labels=LABELS, adaptation=GS)
-            keys = r.keys("adaptclip:*")
-            assert {k.decode().split(":")[2] for k in keys} == {"features", "result"}
-            assert all(k.decode().startswith(f"adaptclip:{SCHEMA}:") for k in keys)
+            keys = r.keys(f"adaptclip:{SCHEMA}:*")
+            assert {k.decode().split(":")[2] for k in keys} == {"features", "result", "classifier"}
+            # every other key is a label set, versioned by its own schema (tests/test_replicas.py)
+            assert {k.decode().split(":")[1] for k in r.keys("adaptclip:*")} == {str(SCHEMA), "labelset"}
             for k in keys:
                 r.set(k, r.get(k)[:-3] + b"bad")
             errors = srv.app.service.cache.stats.value("errors", "redis", "result", kind="corrupt")
