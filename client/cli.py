@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from pathlib import Path
 
@@ -28,6 +27,7 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cache-ttl", type=int, dest="cache_ttl_s", help="Redis entry lifetime in seconds")
     p.add_argument("--no-cache", action="store_true", help="no caching at all")
     p.add_argument("--log-level", default="INFO")
+    flags.add_serve_security_flags(p)
 
 
 def _classify_parser(sub: argparse._SubParsersAction) -> None:
@@ -41,6 +41,7 @@ def _classify_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="one JSON line per image")
     p.add_argument("--keep-rate", type=float, help="token compression for these requests (default: the model's)")
     flags.add_tta_flags(p)
+    flags.add_connection_flags(p)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -48,17 +49,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from adaptclip.compression.models import ModelLoadError
     from adaptclip.server.app import serve
+    from adaptclip.server.logs import setup_logging
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cfg = flags.server_config(args)
     except (ValueError, OSError) as exc:
         print(f"adaptclip serve: bad config: {exc}", file=sys.stderr)
         return 2
+    setup_logging(args.log_level, cfg.log_json)
     try:
         return asyncio.run(serve(cfg))
     except ModelLoadError as exc:
         print(f"adaptclip serve: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:  # limits, a token or TLS file the server cannot use (found before the port opens)
+        print(f"adaptclip serve: bad config: {exc}", file=sys.stderr)
         return 2
 
 
@@ -81,7 +86,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
     labels, templates = flags.labels_from_args(args)
     adaptation = flags.adaptation_from_args(args)
     failed = 0
-    with Client(args.server, timeout_s=args.timeout) as client:
+    with Client(args.server, timeout_s=args.timeout, **flags.connection_from_args(args)) as client:
         try:
             ref = client.register_label_set(labels, templates)
         except grpc.RpcError as exc:

@@ -7,10 +7,12 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from adaptclip.client.secure import open_channel
 from adaptclip.v1 import classifier_pb2 as pb
 from adaptclip.v1 import classifier_pb2_grpc as pb_grpc
 
 MAX_MESSAGE = 64 * 1024 * 1024
+PathLike = str | Path | None
 _OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE), ("grpc.max_receive_message_length", MAX_MESSAGE)]
 
 
@@ -39,10 +41,13 @@ def classify_request(image: bytes | str | Path, *, labels: Sequence[str] | None 
 
 
 class Client:
-    """Blocking client. Use as a context manager, or call close()."""
+    """Blocking client. Use as a context manager, or call close(). `token` (None: $ADAPTCLIP_TOKEN) goes on
+    every call; `tls`/`tls_ca`/`tls_cert`/`tls_key` secure the channel (see client/secure.py)."""
 
-    def __init__(self, target: str = "localhost:50051", timeout_s: float | None = 60.0) -> None:
-        self.channel = grpc.insecure_channel(target, options=_OPTIONS)
+    def __init__(self, target: str = "localhost:50051", timeout_s: float | None = 60.0, *, token: str | None = None,
+                 tls: bool = False, tls_ca: PathLike = None, tls_cert: PathLike = None, tls_key: PathLike = None) -> None:
+        self.channel = open_channel(target, _OPTIONS, token=token, tls=tls, tls_ca=tls_ca, tls_cert=tls_cert,
+                                    tls_key=tls_key)
         self.stub = pb_grpc.ClassifierStub(self.channel)
         self.timeout_s = timeout_s
 
@@ -91,10 +96,12 @@ class Client:
 
 
 class AsyncClient:
-    """asyncio client over grpc.aio; same methods as Client, awaitable."""
+    """asyncio client over grpc.aio; same methods and connection settings as Client, awaitable."""
 
-    def __init__(self, target: str = "localhost:50051", timeout_s: float | None = 60.0) -> None:
-        self.channel = grpc.aio.insecure_channel(target, options=_OPTIONS)
+    def __init__(self, target: str = "localhost:50051", timeout_s: float | None = 60.0, *, token: str | None = None,
+                 tls: bool = False, tls_ca: PathLike = None, tls_cert: PathLike = None, tls_key: PathLike = None) -> None:
+        self.channel = open_channel(target, _OPTIONS, aio=True, token=token, tls=tls, tls_ca=tls_ca, tls_cert=tls_cert,
+                                    tls_key=tls_key)
         self.stub = pb_grpc.ClassifierStub(self.channel)
         self.timeout_s = timeout_s
 
