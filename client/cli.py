@@ -86,7 +86,12 @@ def cmd_classify(args: argparse.Namespace) -> int:
     labels, templates = flags.labels_from_args(args)
     adaptation = flags.adaptation_from_args(args)
     failed = 0
-    with Client(args.server, timeout_s=args.timeout, **flags.connection_from_args(args)) as client:
+    try:
+        client = Client(args.server, timeout_s=args.timeout, **flags.connection_from_args(args))
+    except (ValueError, OSError) as exc:  # half a client certificate, a PEM file that cannot be read
+        print(f"adaptclip classify: {exc}", file=sys.stderr)
+        return 2
+    with client:
         try:
             ref = client.register_label_set(labels, templates)
         except grpc.RpcError as exc:

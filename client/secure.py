@@ -78,7 +78,7 @@ def open_channel(target: str, options: Sequence[tuple[str, Any]], *, aio: bool =
     """A channel to `target`: TLS when `tls` or any tls_* file is given (no tls_ca: the system's roots;
     tls_cert + tls_key: a client certificate), plaintext otherwise; the token (None: $ADAPTCLIP_TOKEN,
     "": none) on every call."""
-    token = os.environ.get(TOKEN_ENV, "") if token is None else token
+    token = (os.environ.get(TOKEN_ENV, "") if token is None else token).strip()  # `$(cat file)` keeps no newline
     if (tls_cert is None) != (tls_key is None):
         raise ValueError("a client certificate needs both tls_cert and tls_key")
     header = ("authorization", f"Bearer {token}")
