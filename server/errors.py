@@ -94,7 +94,7 @@ async def _served(service: Any, name: str, request_id: str, context: grpc.aio.Se
     started = time.perf_counter()
     REQUEST_ID.set(request_id)
     context.set_trailing_metadata(_trailers(request_id))
-    code = grpc.StatusCode.OK
+    code, counted = grpc.StatusCode.OK, False
     try:
         yield
     except (grpc.aio.AbortError, asyncio.CancelledError, GeneratorExit):
@@ -102,9 +102,12 @@ async def _served(service: Any, name: str, request_id: str, context: grpc.aio.Se
         raise
     except Exception as exc:  # noqa: BLE001 - the one mapping
         code, message = status_for(exc, name)
+        counted = True  # before abort: the client may read the metrics the moment it has the status
+        finished(service.metrics, name, code, started, request_id, context)
         await context.abort(code, message, trailing_metadata=_trailers(request_id, exc))
     finally:
-        finished(service.metrics, name, code, started, request_id, context)
+        if not counted:
+            finished(service.metrics, name, code, started, request_id, context)
 
 
 def rpc(handler: F) -> F:
