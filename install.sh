@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Sets up .venv from the lock file (idempotent; fast when nothing changed) and installs adaptclip
 # into it, generating the gRPC code from proto/. Needs only python3.11 + pip; with --test it also
-# installs the Debian packages the test suite uses (redis-server) when they are absent.
+# installs the Debian packages the test suite uses (redis-server, openssl) when they are absent.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -22,6 +22,7 @@ fi
 if [ "${1:-}" = "--test" ]; then
   missing=()
   command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+  command -v openssl >/dev/null 2>&1 || missing+=(openssl)  # tests make their own CA and certificates
   if [ ${#missing[@]} -gt 0 ]; then
     SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
     $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null

@@ -100,9 +100,17 @@ def zero_shot_logits(feats: Tensor, classifier: Tensor, logit_scale: float, logi
     return out + logit_bias if logit_bias is not None else out
 
 
+def check_deadline(deadline: float | None, where: str) -> None:
+    """TimeoutError once `deadline` (a time.monotonic() instant) has passed: nobody waits for the answer."""
+    if deadline is not None and time.monotonic() >= deadline:
+        raise TimeoutError(f"deadline passed {where}")
+
+
 async def adapt_image(source: ViewSource, s: AdaptSettings, classifier: Tensor, logit_scale: float,
-                      logit_bias: float | None, run_method: MethodRunner) -> Outcome:
-    """Zero-shot from view 0 (with patches for GS-Bias); unless the gate skips, take the views and adapt."""
+                      logit_bias: float | None, run_method: MethodRunner, deadline: float | None = None) -> Outcome:
+    """Zero-shot from view 0 (with patches for GS-Bias); unless the gate skips, take the views and adapt.
+    Past `deadline` (time.monotonic()) it raises TimeoutError before the next chunk of views and before
+    the method, so work nobody waits for is not started."""
     gs = s.method == "gs_bias"
     feat0, patches = await source.original(with_patches=gs)
     zero_shot = zero_shot_logits(feat0.unsqueeze(0), classifier, logit_scale, logit_bias)[0]
@@ -117,11 +125,13 @@ async def adapt_image(source: ViewSource, s: AdaptSettings, classifier: Tensor, 
         return out
     start = time.perf_counter()
     n, feats = 1, feat0.unsqueeze(0)
-    for _, n in view_chunks(s):
+    for lo, n in view_chunks(s):
+        check_deadline(deadline, f"after {lo} of {s.views} views")
         feats = view_precision(await source.first(n))
         if s.view_chunk and stops_after(s, n, logit_scale * F.normalize(feats, dim=-1) @ classifier.T):
             report.note = f"selected views agreed after {n} views"
             break
+    check_deadline(deadline, f"after {n} views, before {s.method}")
     result = await run_method(s, feats, patch_precision(patches) if gs and patches is not None else None)
     if gs and result.global_only:
         report.note = (report.note + "; " if report.note else "") + "no patch tokens in this tower: global bias only"

@@ -42,13 +42,14 @@ class TextSide:
 
 def adapt_views(settings: AdaptSettings, view_feats: Tensor, patch_feats: Tensor | None, classifier: Tensor,
                 logit_scale: float, text: TextSide | None = None, gs_backend: str = "torch",
-                device: torch.device | str | None = None) -> MethodResult:
+                device: torch.device | str | None = None, deadline: float | None = None) -> MethodResult:
     """Adapted prediction for one image from its V view features ([V, D], view 0 the original).
 
     view_feats / patch_feats ([P, D] of view 0, or None) may be unnormalised: they are
     L2-normalised here. GS-Bias without patch features adapts the global bias only.
     gs_backend: GS-Bias's backend (adapt.gsbias), run on `device` (None: the features' device) when
-    it resolves to the kernels there; results come back on the features' device.
+    it resolves to the kernels there; results come back on the features' device. TPT checks
+    `deadline` (a time.monotonic() instant) between its steps and raises TimeoutError past it.
     """
     feats = F.normalize(view_feats.float(), dim=-1)
     if settings.method == "gs_bias":
@@ -73,7 +74,7 @@ def adapt_views(settings: AdaptSettings, view_feats: Tensor, patch_feats: Tensor
             raise ValueError("TPT needs the text tower (TextSide)")
         logits = tpt_logits(text.model, text.tokenizer, list(text.labels), feats, logit_scale=logit_scale,
                             lr=settings.tpt_lr, steps=settings.steps, selection_ratio=settings.ratio,
-                            class_chunk=text.class_chunk)
+                            class_chunk=text.class_chunk, deadline=deadline)
         return MethodResult(logits.detach().float(), logits.detach().float().softmax(-1), settings.steps, False)
     raise ValueError(f"no adaptation for method {settings.method!r}")
 

@@ -7,6 +7,7 @@ at each function.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Sequence
 
 import torch
@@ -98,7 +99,8 @@ class _TextTower:
 def tpt_logits(model: nn.Module, tokenizer: Callable[[Sequence[str]], Tensor],
                classnames: Sequence[str], image_feats_views: Tensor, *, logit_scale: float,
                n_ctx: int = 4, ctx_init: str = "a photo of a", lr: float = 5e-3, steps: int = 1,
-               selection_ratio: float = 0.1, class_chunk: int | None = CLASS_CHUNK) -> Tensor:
+               selection_ratio: float = 0.1, class_chunk: int | None = CLASS_CHUNK,
+               deadline: float | None = None) -> Tensor:
     """TPT: tune a shared prompt context on the views' marginal entropy, then score view 0.
 
     Prompts are "{ctx_init} {classname}." whose n_ctx context tokens (positions 1..n_ctx, after
@@ -119,7 +121,8 @@ def tpt_logits(model: nn.Module, tokenizer: Callable[[Sequence[str]], Tensor],
     all 1,000 ImageNet prompts at once need tens of GB). None = all classes at once, as the paper.
     Deviations: the official code runs under fp16 autocast with a GradScaler; this runs in the
     model's dtype. The official code sets n_ctx to the word count of ctx_init; here ctx_init
-    must tokenise to exactly n_ctx tokens.
+    must tokenise to exactly n_ctx tokens. Past `deadline` (a time.monotonic() instant) the next step
+    raises TimeoutError instead of running: a request whose caller gave up stops holding the tower.
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise ValueError(f"steps must be an int >= 0, got {steps!r}")
@@ -170,7 +173,9 @@ def tpt_logits(model: nn.Module, tokenizer: Callable[[Sequence[str]], Tensor],
                 return torch.cat([class_embeddings(part) for part in chunks])
 
         selected = None
-        for _ in range(steps):
+        for step in range(steps):
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"deadline passed after {step} of {steps} TPT steps")
             weights = class_embeddings() if len(chunks) == 1 else all_class_embeddings().requires_grad_()
             logits = logit_scale * feats.to(ctx.dtype) @ weights.T
             if selected is None:

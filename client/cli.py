@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from pathlib import Path
 
@@ -30,6 +29,7 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--state-dir", help="without Redis: keep registered label sets in this folder across restarts")
     p.add_argument("--label-set-cache-size", type=int, help="label sets whose classifiers stay built (default 256)")
     p.add_argument("--log-level", default="INFO")
+    flags.add_serve_security_flags(p)
 
 
 def _classify_parser(sub: argparse._SubParsersAction) -> None:
@@ -44,6 +44,7 @@ def _classify_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="one JSON line per image")
     p.add_argument("--keep-rate", type=float, help="token compression for these requests (default: the model's)")
     flags.add_tta_flags(p)
+    flags.add_connection_flags(p)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -51,17 +52,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from adaptclip.compression.models import ModelLoadError
     from adaptclip.server.app import serve
+    from adaptclip.server.logs import setup_logging
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cfg = flags.server_config(args)
     except (ValueError, OSError) as exc:
         print(f"adaptclip serve: bad config: {exc}", file=sys.stderr)
         return 2
+    setup_logging(args.log_level, cfg.log_json)
     try:
         return asyncio.run(serve(cfg))
     except ModelLoadError as exc:
         print(f"adaptclip serve: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:  # limits, a token or TLS file the server cannot use (found before the port opens)
+        print(f"adaptclip serve: bad config: {exc}", file=sys.stderr)
         return 2
 
 
@@ -85,9 +90,9 @@ def cmd_classify(args: argparse.Namespace) -> int:
     adaptation = flags.adaptation_from_args(args)
     failed = 0
     try:
-        client = Client(args.server, timeout_s=args.timeout)
-    except ValueError as exc:  # a malformed or unresolvable --server list
-        print(f"adaptclip classify: --server: {exc}", file=sys.stderr)
+        client = Client(args.server, timeout_s=args.timeout, **flags.connection_from_args(args))
+    except (ValueError, OSError) as exc:  # a bad --server list, half a client certificate, an unreadable PEM
+        print(f"adaptclip classify: {exc}", file=sys.stderr)
         return 2
     with client:
         try:

@@ -45,6 +45,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML server config for the in-process model (see README; flags override it)")
     p.add_argument("--max-batch-size", type=int, help="encoder batch size of the in-process model")
     flags.add_tta_flags(p)
+    flags.add_connection_flags(p)
 
 
 def _server_config(args: argparse.Namespace):
@@ -68,7 +69,9 @@ def _engine(args: argparse.Namespace):
                                    f"the server's model answers (pick a served one with --name)")
         if args.engine == "ray":
             raise label.LabelError("--engine ray runs the model in its workers: leave out --server")
-        return label.server_engine(args.server)
+        return label.server_engine(args.server, **flags.connection_from_args(args))
+    if any(flags.connection_from_args(args).values()):
+        raise label.LabelError("--token/--tls* are for --server: the in-process model needs no connection")
     cfg = _server_config(args)
     if args.engine == "local":
         return label.local_engine(cfg)

@@ -8,10 +8,12 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from adaptclip.client.targets import channel_target
+from adaptclip.client.secure import open_channel
 from adaptclip.v1 import classifier_pb2 as pb
 from adaptclip.v1 import classifier_pb2_grpc as pb_grpc
 
 MAX_MESSAGE = 64 * 1024 * 1024
+PathLike = str | Path | None
 _OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE), ("grpc.max_receive_message_length", MAX_MESSAGE)]
 
 
@@ -41,11 +43,14 @@ def classify_request(image: bytes | str | Path, *, labels: Sequence[str] | None 
 
 class Client:
     """Blocking client. Use as a context manager, or call close(). `target`: HOST:PORT, several of them
-    comma-separated, or dns:///NAME:PORT (balanced round robin, retried on UNAVAILABLE: client/targets.py)."""
+    comma-separated, or dns:///NAME:PORT (balanced round robin, retried on UNAVAILABLE: client/targets.py). `token` (None: $ADAPTCLIP_TOKEN) goes on
+    every call; `tls`/`tls_ca`/`tls_cert`/`tls_key` secure the channel (see client/secure.py)."""
 
-    def __init__(self, target: str = "localhost:50051", timeout_s: float | None = 60.0) -> None:
+    def __init__(self, target: str = "localhost:50051", timeout_s: float | None = 60.0, *, token: str | None = None,
+                 tls: bool = False, tls_ca: PathLike = None, tls_cert: PathLike = None, tls_key: PathLike = None) -> None:
         target, balancing = channel_target(target)
-        self.channel = grpc.insecure_channel(target, options=_OPTIONS + balancing)
+        self.channel = open_channel(target, _OPTIONS + balancing, token=token, tls=tls, tls_ca=tls_ca, tls_cert=tls_cert,
+                                    tls_key=tls_key)
         self.stub = pb_grpc.ClassifierStub(self.channel)
         self.timeout_s = timeout_s
 
@@ -94,11 +99,13 @@ class Client:
 
 
 class AsyncClient:
-    """asyncio client over grpc.aio; same methods as Client, awaitable."""
+    """asyncio client over grpc.aio; same methods and connection settings as Client, awaitable."""
 
-    def __init__(self, target: str = "localhost:50051", timeout_s: float | None = 60.0) -> None:
+    def __init__(self, target: str = "localhost:50051", timeout_s: float | None = 60.0, *, token: str | None = None,
+                 tls: bool = False, tls_ca: PathLike = None, tls_cert: PathLike = None, tls_key: PathLike = None) -> None:
         target, balancing = channel_target(target)
-        self.channel = grpc.aio.insecure_channel(target, options=_OPTIONS + balancing)
+        self.channel = open_channel(target, _OPTIONS + balancing, aio=True, token=token, tls=tls, tls_ca=tls_ca, tls_cert=tls_cert,
+                                    tls_key=tls_key)
         self.stub = pb_grpc.ClassifierStub(self.channel)
         self.timeout_s = timeout_s
 

@@ -49,6 +49,41 @@ def add_tta_flags(p: argparse.ArgumentParser) -> None:
     tta.add_argument("--skip-entropy", type=float, help="answer zero-shot when normalised entropy is below this")
 
 
+def add_connection_flags(p: argparse.ArgumentParser) -> None:
+    """A client's way in: --token (or $ADAPTCLIP_TOKEN), --tls/--tls-ca, --tls-cert/--tls-key (mutual TLS)."""
+    g = p.add_argument_group("connection (see README: running it securely)")
+    g.add_argument("--token", help="bearer token sent on every call (default: $ADAPTCLIP_TOKEN, which keeps it "
+                                   "out of the process list)")
+    g.add_argument("--tls", action="store_true", help="TLS, the server verified against the system's CAs")
+    g.add_argument("--tls-ca", help="TLS, the server verified against this PEM CA bundle")
+    g.add_argument("--tls-cert", help="client certificate (PEM) for mutual TLS; with --tls-key")
+    g.add_argument("--tls-key", help="client certificate's private key (PEM)")
+
+
+def connection_from_args(args: argparse.Namespace) -> dict:
+    """Client(...) keyword arguments for the connection flags."""
+    return {"token": args.token, "tls": args.tls, "tls_ca": args.tls_ca, "tls_cert": args.tls_cert,
+            "tls_key": args.tls_key}
+
+
+def add_serve_security_flags(p: argparse.ArgumentParser) -> None:
+    """`adaptclip serve`: auth, TLS, metrics, logs and compute limits (each also a config file key)."""
+    g = p.add_argument_group("security, metrics and limits (see README: running it securely)")
+    g.add_argument("--auth-token-file", metavar="FILE", help="bearer tokens, one a line: every Classifier call needs one "
+                                             "(re-read on SIGHUP)")
+    g.add_argument("--tls-cert", dest="serve_tls_cert", metavar="PEM", help="serve TLS with this PEM certificate chain")
+    g.add_argument("--tls-key", dest="serve_tls_key", metavar="PEM", help="the certificate's PEM private key")
+    g.add_argument("--tls-client-ca", metavar="PEM", help="mutual TLS: require client certificates signed by this PEM CA")
+    g.add_argument("--no-reflection", action="store_true", help="turn server reflection off")
+    g.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
+    g.add_argument("--metrics-host", help="address of the metrics port (default 0.0.0.0)")
+    g.add_argument("--log-json", action="store_true", default=None, help="log JSON lines")
+    g.add_argument("--max-views", type=int, help="views per request (default 256)")
+    g.add_argument("--max-steps", type=int, help="optimisation steps per request (default 20)")
+    g.add_argument("--max-views-in-flight", type=int, help="views being computed across requests; past it "
+                                                           "RESOURCE_EXHAUSTED with a retry hint (default 1024)")
+
+
 def labels_from_args(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     """--labels / --labels-file and --templates-file as lists (none given: empty lists)."""
     if args.labels_file:
@@ -111,9 +146,17 @@ def server_config(args: argparse.Namespace):
     for attr, target in (("host", cfg), ("port", cfg), ("max_batch_size", cfg.batching),
                          ("max_queue_delay_ms", cfg.batching), ("max_queue_size", cfg.batching),
                          ("max_image_bytes", cfg.limits), ("max_image_pixels", cfg.limits), ("max_labels", cfg.limits),
+                         ("max_views", cfg.limits), ("max_steps", cfg.limits), ("max_views_in_flight", cfg.limits),
+                         ("metrics_port", cfg), ("metrics_host", cfg), ("log_json", cfg),
+                         ("auth_token_file", cfg.security), ("tls_client_ca", cfg.security),
                          ("state_dir", cfg), ("label_set_cache_size", cfg)):
         if flag(attr) is not None:
             setattr(target, attr, flag(attr))
+    for attr, target_attr in (("serve_tls_cert", "tls_cert"), ("serve_tls_key", "tls_key")):
+        if flag(attr) is not None:
+            setattr(cfg.security, target_attr, flag(attr))
+    if flag("no_reflection"):
+        cfg.security.reflection = False
     for attr, target_attr in (("redis_url", "redis_url"), ("cache_max_bytes", "max_bytes"), ("cache_ttl_s", "ttl_s")):
         if flag(attr) is not None:
             setattr(cfg.cache, target_attr, flag(attr))

@@ -350,11 +350,12 @@ def local_engine(cfg) -> Engine:
     return lambda job, pending, rec: asyncio.run(main(job, pending, rec))
 
 
-def server_engine(target: str, ready_timeout_s: float = 30.0) -> Engine:
-    """Stream through a running service's ClassifyStream with at most job.concurrency requests outstanding."""
+def server_engine(target: str, ready_timeout_s: float = 30.0, **connection) -> Engine:
+    """Stream through a running service's ClassifyStream with at most job.concurrency requests outstanding;
+    `connection`: Client's token and TLS settings."""
 
     def run(job: Job, pending: list[str], rec: Recorder) -> None:
-        with Client(target, timeout_s=60) as client:
+        with Client(target, timeout_s=60, **connection) as client:
             try:
                 client.wait_ready(ready_timeout_s)
                 info = client.model_info()

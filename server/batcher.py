@@ -46,8 +46,9 @@ class Batcher:
     """
 
     def __init__(self, encode: EncodeFn, *, max_batch: int, max_delay_s: float, max_queue: int,
-                 name: str = "model") -> None:
+                 name: str = "model", on_batch: Callable[[int], None] | None = None) -> None:
         self._encode = encode
+        self._on_batch = on_batch  # called with each encoded batch's size (metrics)
         self._max_batch = max_batch
         self._max_delay = max_delay_s
         self._max_queue = max_queue
@@ -63,6 +64,11 @@ class Batcher:
     @property
     def max_batch(self) -> int:
         return self._max_batch
+
+    @property
+    def queued(self) -> int:
+        """Images waiting for the encoder."""
+        return self._queued_images
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())
@@ -189,6 +195,8 @@ class Batcher:
         feats, patches = await loop.run_in_executor(self._executor, self._encode, images, want, batch[0].keep_rate)
         encode_us = int((time.perf_counter() - start) * 1e6)
         self.batches += 1
+        if self._on_batch is not None:
+            self._on_batch(images.shape[0])
         offset = 0
         for it in batch:
             n = it.images.shape[0]

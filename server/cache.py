@@ -142,7 +142,8 @@ class RedisBackend:
 
 @dataclass
 class CacheStats:
-    """Prometheus counters (own registry, exported by the metrics endpoint) plus plain totals for tests."""
+    """Prometheus counters in `registry` (the service's `Metrics` registry, exported on --metrics-port; a
+    fresh one by default) and their totals, read back for tests."""
 
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
 

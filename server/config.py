@@ -19,6 +19,20 @@ class Limits:
     max_templates: int = 128
     max_label_chars: int = 256
     max_embed_items: int = 256
+    max_views: int = 256  # per request (the protocol allows 1024); above -> INVALID_ARGUMENT
+    max_steps: int = 20  # per request (the protocol allows 100)
+    # Views (and Embed images) of all requests being computed at once; past it RESOURCE_EXHAUSTED with a
+    # retry hint, never a growing queue. The default equals the encoder queue, which then never fills.
+    max_views_in_flight: int = 1024
+
+
+@dataclass
+class SecurityConfig:
+    auth_token_file: str | None = None  # bearer tokens, one a line; re-read on SIGHUP; None = no auth
+    tls_cert: str | None = None  # PEM certificate chain; with tls_key: the port speaks TLS only
+    tls_key: str | None = None
+    tls_client_ca: str | None = None  # PEM CA bundle: mutual TLS, a client certificate it signed is required
+    reflection: bool = True  # server reflection (open, like health, even with auth)
 
 
 @dataclass
@@ -51,6 +65,10 @@ class ServerConfig:
     state_dir: str | None = None  # without Redis: registered label sets kept here, across restarts
     preprocess_workers: int = 2  # threads decoding and preprocessing images
     grace_period_s: float = 30.0  # SIGTERM: how long in-flight work may take to finish
+    security: SecurityConfig = field(default_factory=SecurityConfig)
+    metrics_port: int | None = None  # Prometheus /metrics on this port (0 = any free one); None = off
+    metrics_host: str = "0.0.0.0"
+    log_json: bool = False  # log JSON lines (one per request, and every other record)
 
     @property
     def default_model(self) -> ModelSpec:
@@ -90,7 +108,8 @@ def load_config(path: str | Path | None) -> ServerConfig:
     limits = _build(Limits, dict(raw.pop("limits", {}) or {}), "limits")
     batching = _build(BatchingConfig, dict(raw.pop("batching", {}) or {}), "batching")
     cache = _build(CacheConfig, dict(raw.pop("cache", {}) or {}), "cache")
+    security = _build(SecurityConfig, dict(raw.pop("security", {}) or {}), "security")
     cfg = _build(ServerConfig, raw, "config")
     cfg.models = models or [ModelSpec()]
-    cfg.limits, cfg.batching, cfg.cache = limits, batching, cache
+    cfg.limits, cfg.batching, cfg.cache, cfg.security = limits, batching, cache, security
     return cfg

@@ -14,6 +14,7 @@ from adaptclip.compression.bundled import load_bundle
 from adaptclip.compression.models import load_model
 from adaptclip.server.batcher import Batcher
 from adaptclip.server.config import BatchingConfig, ServerConfig
+from adaptclip.server.metrics import Metrics
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -32,11 +33,14 @@ class Hosted:
     def name(self) -> str:
         return self.model.name
 
-    def start(self, cfg: BatchingConfig) -> None:
-        """Start the encoder batcher (on the running event loop)."""
+    def start(self, cfg: BatchingConfig, metrics: Metrics | None = None) -> None:
+        """Start the encoder batcher (on the running event loop), its batches and queue in `metrics`."""
         self.batcher = Batcher(self.model.encode_images, max_batch=cfg.max_batch_size,
                                max_delay_s=cfg.max_queue_delay_ms / 1000.0, max_queue=cfg.max_queue_size,
-                               name=self.model.name)
+                               name=self.model.name, on_batch=metrics.batch_observer(self.name) if metrics else None)
+        if metrics is not None:
+            batcher = self.batcher
+            metrics.watch_queue(self.name, lambda: batcher.queued)
         self.batcher.start()
 
     async def run_text(self, fn: Callable[..., T], *args: Any) -> T:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import time
 from collections.abc import Awaitable, Callable
 
@@ -101,16 +102,18 @@ class ImageViews:
 
 
 async def classify_image(hosted: Hosted, views: ImageViews, classifier: Tensor, labels: tuple[str, ...],
-                         s: AdaptSettings, pool: concurrent.futures.Executor) -> Outcome:
-    """The adaptive loop on one image; GS-Bias and ZERO on the worker pool, TPT on the model's text thread."""
+                         s: AdaptSettings, pool: concurrent.futures.Executor, deadline: float | None = None) -> Outcome:
+    """The adaptive loop on one image; GS-Bias and ZERO on the worker pool, TPT on the model's text thread.
+    `deadline` (a time.monotonic() instant) stops it between chunks and TPT steps with TimeoutError."""
     model = hosted.model
 
     async def run_method(settings: AdaptSettings, feats: Tensor, patches: Tensor | None) -> MethodResult:
         if settings.method == "tpt":
             text = model.text.prompt_side(labels)
-            return await hosted.run_text(adapt_views, settings, feats, None, classifier, model.logit_scale, text)
+            return await hosted.run_text(functools.partial(adapt_views, deadline=deadline), settings, feats, None,
+                                         classifier, model.logit_scale, text)
         return await asyncio.get_running_loop().run_in_executor(
             pool, adapt_views, settings, feats, patches, classifier, model.logit_scale, None, model.kernels.gs_bias,
             model.device)
 
-    return await adapt_image(views, s, classifier, model.logit_scale, model.logit_bias, run_method)
+    return await adapt_image(views, s, classifier, model.logit_scale, model.logit_bias, run_method, deadline)

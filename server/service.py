@@ -17,8 +17,10 @@ from adaptclip.server.cache import Cache
 from adaptclip.server.config import ServerConfig
 from adaptclip.server.convert import fill_top, report_to_proto, settings_from_request, settings_to_proto
 from adaptclip.server.decode import check_image_bytes, decode_image
-from adaptclip.server.errors import RequestError, failed_precondition, invalid, not_found, rpc, status_for
+from adaptclip.server.errors import RequestError, failed_precondition, invalid, not_found, parsed, rpc, status_for
 from adaptclip.server.hosting import Hosted
+from adaptclip.server.limits import ViewBudget, check_limits, check_settings, views_needed
+from adaptclip.server.metrics import Metrics
 from adaptclip.server.keys import feature_key, image_digest, result_key, token_tag
 from adaptclip.server.labels import LabelSetDef, LabelSetStore, fixed_sets_hint, label_set_id, validate_label_set
 from adaptclip.server.labelstore import open_store
@@ -32,9 +34,13 @@ STREAM_WINDOW = 64  # requests of one stream in flight at once
 
 
 class ClassifierService(pb_grpc.ClassifierServicer):
-    def __init__(self, cfg: ServerConfig) -> None:
+    def __init__(self, cfg: ServerConfig, metrics: Metrics | None = None) -> None:
         cfg.check()
+        check_limits(cfg.limits)
         self.cfg = cfg
+        self.metrics = metrics or Metrics()
+        self.budget = ViewBudget(cfg.limits.max_views_in_flight)
+        self.metrics.views_in_flight.set_function(lambda: self.budget.in_flight)
         self.models: dict[str, Hosted] = {}
         self.default_model = ""
         self.labels = LabelSetStore(cfg.label_set_cache_size, open_store(cfg))
@@ -43,7 +49,13 @@ class ClassifierService(pb_grpc.ClassifierServicer):
         self.ready = asyncio.Event()
 
     def set_models(self, models: list[Hosted]) -> None:
+        for h in models:  # a default no request could use is a config error, found at start
+            try:
+                check_settings(h.model.adapt_defaults, self.cfg.limits)
+            except RequestError as exc:
+                raise ValueError(f"model {h.name}: its adaptation defaults break the server's limits: {exc}") from None
         self.models = {h.name: h for h in models}
+        self.metrics.models_loaded.set(len(models))
         self.default_model = models[0].name
         for h in models:
             for f in h.model.fixed_label_sets:
@@ -104,6 +116,7 @@ class ClassifierService(pb_grpc.ClassifierServicer):
         if req.top_k < 0:
             raise invalid("top_k", f"must be >= 0, got {req.top_k}")
         settings = settings_from_request(req.adaptation, model.adapt_defaults)
+        check_settings(settings, self.cfg.limits)
         if settings.method == "tpt" and model.text is None:
             raise failed_precondition("adaptation.method", f"TPT tunes prompts through a text tower, and model "
                                       f"'{model.name}' has none; use gs_bias or zero")
@@ -120,15 +133,18 @@ class ClassifierService(pb_grpc.ClassifierServicer):
         if cached is not None and (out := outcome_from_entry(cached, len(ls.labels))) is not None:
             resp.cache_hit, resp.cache_level = True, pb.CACHE_RESULT
         else:
-            classifier_task = asyncio.ensure_future(self.labels.classifier(hosted, ls, self._shared_cache))
-            entry = await self.cache.get("features", fkey) if self.cache else None
-            views = ImageViews(hosted, settings, lambda: self._decode(hosted, req.image), timeout_s,
-                               self._pre_pool, entry, keep_rate)
-            try:
-                classifier = await classifier_task
-                out = await classify_image(hosted, views, classifier, ls.labels, settings, self._pre_pool)
-            finally:
-                classifier_task.cancel()
+            deadline = None if timeout_s is None else time.monotonic() + timeout_s
+            with self.budget.hold(views_needed(settings)):
+                classifier_task = asyncio.ensure_future(self.labels.classifier(hosted, ls, self._shared_cache))
+                entry = await self.cache.get("features", fkey) if self.cache else None
+                views = ImageViews(hosted, settings, lambda: self._decode(hosted, req.image), timeout_s,
+                                   self._pre_pool, entry, keep_rate)
+                try:
+                    classifier = await classifier_task
+                    out = await classify_image(hosted, views, classifier, ls.labels, settings, self._pre_pool,
+                                               deadline)
+                finally:
+                    classifier_task.cancel()
             if self.cache:
                 if views.dirty:
                     await self.cache.put("features", fkey, views.entry(), {"views": settings.views})
@@ -144,7 +160,12 @@ class ClassifierService(pb_grpc.ClassifierServicer):
             fill_top(resp.top, ls.labels, out.result.logits, out.result.probs, k)
         if settings.method != "none":
             fill_top(resp.zero_shot_top, ls.labels, out.zero_shot, out.zero_shot.softmax(-1), k)
-        resp.timings.total_us = int((time.perf_counter() - start) * 1e6)
+        t = resp.timings
+        t.total_us = int((time.perf_counter() - start) * 1e6)
+        self.metrics.stages(t.decode_us, t.queue_us, t.encode_us, t.adapt_us, t.total_us,
+                            computed=resp.cache_level != pb.CACHE_RESULT)
+        if out.report.skipped:
+            self.metrics.adaptation_skipped.labels(settings.method).inc()
         return resp
 
     @rpc
@@ -154,10 +175,11 @@ class ClassifierService(pb_grpc.ClassifierServicer):
     async def classify_or_error(self, req: pb.ClassifyRequest, timeout_s: float | None = None) -> pb.ClassifyResponse:
         """classify(), with a failure as the response's `error` (streams and batch jobs go on)."""
         try:
-            return await self.classify(req, timeout_s)
+            return await self.classify(parsed(req), timeout_s)
         except Exception as exc:  # noqa: BLE001 - one item's failure must not end the stream
-            code, message = status_for(exc, f"stream item {req.request_id!r}")
-            return pb.ClassifyResponse(request_id=req.request_id, error=pb.Error(code=code.value[0], message=message))
+            request_id = getattr(req, "request_id", "")
+            code, message = status_for(exc, f"stream item {request_id!r}")
+            return pb.ClassifyResponse(request_id=request_id, error=pb.Error(code=code.value[0], message=message))
 
     @rpc
     async def ClassifyStream(self, request_iterator: AsyncIterator[pb.ClassifyRequest],
@@ -214,9 +236,11 @@ class ClassifierService(pb_grpc.ClassifierServicer):
             raise failed_precondition("texts", f"model '{model.name}' has no text tower: it embeds images only")
         resp = pb.EmbedResponse(model=model.name, dim=model.embed_dim)
         if request.images:
-            decoded = await asyncio.gather(*(self._decode(hosted, d, f"images[{i}]") for i, d in enumerate(request.images)))
-            result = await hosted.batcher.submit(torch.stack([p for _, p in decoded]), timeout_s=context.time_remaining(),
-                                                 keep_rate=model.keep_rate)
+            with self.budget.hold(len(request.images), "images"):
+                decoded = await asyncio.gather(*(self._decode(hosted, d, f"images[{i}]")
+                                                 for i, d in enumerate(request.images)))
+                result = await hosted.batcher.submit(torch.stack([p for _, p in decoded]),
+                                                     timeout_s=context.time_remaining(), keep_rate=model.keep_rate)
             feats = F.normalize(result.features, dim=-1) if request.normalize else result.features
             for row in feats.tolist():
                 resp.image_embeddings.add(values=row)
@@ -233,7 +257,8 @@ class ClassifierService(pb_grpc.ClassifierServicer):
             max_image_bytes=lim.max_image_bytes, max_image_pixels=lim.max_image_pixels, max_labels=lim.max_labels,
             max_templates=lim.max_templates, max_batch_size=bat.max_batch_size,
             max_queue_delay_us=int(bat.max_queue_delay_ms * 1000), max_queue_size=bat.max_queue_size,
-            max_embed_items=lim.max_embed_items),
+            max_embed_items=lim.max_embed_items, max_views=lim.max_views, max_steps=lim.max_steps,
+            max_views_in_flight=lim.max_views_in_flight),
             versions=pb.Versions(adaptclip=adaptclip.__version__, open_clip=open_clip.__version__,
                                  torch=torch.__version__, grpc=grpc.__version__))
         for h in self.models.values():

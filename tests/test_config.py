@@ -74,3 +74,28 @@ def test_keep_rate_and_device_flags_apply_without_model_flag():
     cli._serve_parser(parser.add_subparsers())
     cfg = build_config(parser.parse_args(["serve", "--config", str(EXAMPLE), "--device", "cpu", "--keep-rate", "0.5"]))
     assert cfg.models[0].device == "cpu" and cfg.models[0].keep_rate == 0.5 and cfg.models[0].model == "ViT-B-32"
+
+
+def test_security_metrics_and_limits_keys_and_their_flags(tmp_path):
+    import argparse
+
+    from adaptclip.client import cli
+
+    path = tmp_path / "c.yaml"
+    path.write_text("security: {auth_token_file: /t, tls_cert: /c.pem, tls_key: /k.pem, reflection: false}\n"
+                    "limits: {max_views: 64, max_views_in_flight: 512}\nmetrics_port: 9100\nlog_json: true\n")
+    cfg = load_config(path)
+    assert (cfg.security.auth_token_file, cfg.security.tls_cert, cfg.security.reflection) == ("/t", "/c.pem", False)
+    assert (cfg.limits.max_views, cfg.limits.max_steps, cfg.metrics_port, cfg.log_json) == (64, 20, 9100, True)
+    parser = argparse.ArgumentParser()
+    cli._serve_parser(parser.add_subparsers())
+    args = parser.parse_args(["serve", "--config", str(path), "--tls-cert", "/other.pem", "--tls-client-ca", "/ca.pem",
+                              "--max-views", "32", "--metrics-port", "9200", "--auth-token-file", "/t2"])
+    cfg = build_config(args)
+    assert (cfg.security.tls_cert, cfg.security.tls_key, cfg.security.tls_client_ca) == ("/other.pem", "/k.pem", "/ca.pem")
+    assert (cfg.limits.max_views, cfg.limits.max_views_in_flight, cfg.metrics_port) == (32, 512, 9200)
+    assert cfg.security.auth_token_file == "/t2" and cfg.log_json and not cfg.security.reflection
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("security: {tls_certificate: x}\n")
+    with pytest.raises(ValueError, match="security.*tls_certificate"):
+        load_config(bad)
