@@ -16,7 +16,7 @@ from conftest import ServerThread, make_image
 from adaptclip.client import Client, flags
 from adaptclip.client.client import classify_request
 from adaptclip.compression.bundle import BundleConfig, build_bundle
-from adaptclip.compression.edge import EdgeModel
+from adaptclip.compression.edge_model import EdgeModel
 from adaptclip.compression.export import QuantConfig
 from adaptclip.compression.spdfq import SynthesisConfig
 from adaptclip.server.app import load_models

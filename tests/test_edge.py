@@ -16,7 +16,7 @@ from PIL import Image
 
 from adaptclip.client import cli_edge
 from adaptclip.compression.bundle import BundleConfig, build_bundle
-from adaptclip.compression.edge import EdgeModel, preprocess_image
+from adaptclip.compression.edge_model import EdgeModel, preprocess_image
 from adaptclip.compression.export import QuantConfig, agreement, torch_embeddings
 from adaptclip.compression.spdfq import SynthesisConfig
 from adaptclip.compression.models import TorchModel
