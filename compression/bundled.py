@@ -64,12 +64,13 @@ def _bits(edge: EdgeModel) -> str:
 
 
 def _fingerprint(edge: EdgeModel) -> str:
-    """Hash of the ONNX graph and the preprocessing: what the features depend on."""
+    """Hash of the ONNX graph, the preprocessing and the patch output used: what the answers depend on (a
+    format-1 manifest over the same graph adapts globally only, so it must not share cached results)."""
     h = hashlib.blake2b(digest_size=16)
     with open(edge.root / edge.manifest["onnx"]["file"], "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
-    h.update(json.dumps(edge.pre, sort_keys=True).encode())
+    h.update(json.dumps([edge.pre, edge.patches_name], sort_keys=True).encode())
     return "onnx-" + h.hexdigest()
 
 
