@@ -12,10 +12,10 @@ mix Beta(1, 1)-blended with the crop. Differences from the PIL original, all del
   equalize still quantise to 256 levels, as kornia implements them).
 - The crop is resized with torch's antialiased interpolation (PIL-like) with `interpolation`
   (default bicubic; torchvision's RandomResizedCrop, used by the official code, defaults to
-  bilinear) and clamped to [0, 1] since bicubic overshoots. All crops of an image are resized
-  together: the filter's weights as banded matrices (adapt/resample.py, shared with the edge
-  renderer) applied by two batched matmuls, equal to one `F.interpolate(antialias=True)` per view
-  to ~1e-6 (float32 summation order).
+  bilinear) and clamped to [0, 1] since bicubic overshoots. Up to BATCHED_MAX_SIDE all crops of an
+  image are resized together: the filter's weights as banded matrices (adapt/resample.py, shared
+  with the edge renderer) applied by two batched matmuls, equal to one `F.interpolate(antialias=True)`
+  per view (used above that size, where it is faster) to ~1e-5 (float32 summation order).
 - Mixing happens before normalisation instead of after; it is affine with weights summing to 1,
   so the result is the same.
 - translate_x/y scale with S / 3 (the official code hard-codes IMAGE_SIZE = 224).
@@ -41,6 +41,7 @@ import kornia.enhance as KE
 import kornia.geometry.transform as KT
 import numpy as np
 import torch
+import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 from PIL import Image
 from torch import Tensor
@@ -56,6 +57,9 @@ _CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)  # torchvision RandomResizedCrop default
 _CROP_ATTEMPTS = 10  # torchvision tries 10 random boxes before its centre-crop fallback
 _INTERPOLATIONS = ("bilinear", "bicubic")
 MAX_VIEW_SIDE = 4  # huge photos are shrunk to 4x the input size (short side) before cropping views
+# Up to this output side all crops are resized in batched matmuls (2x faster at 32 px, 1.2-2x to 128 px,
+# one CPU thread); beyond, torch's per-view aa kernel wins (0.7-1x at 224 px): BENCHMARKS.md, issue 17.
+BATCHED_MAX_SIDE = 128
 
 
 @dataclass(frozen=True)
@@ -211,7 +215,12 @@ class ViewGenerator:
 
             return render_batch([image], [boxes], [[False] * len(boxes)], size, (0.0,) * 3, (1.0,) * 3,
                                 self.interpolation)[0]
-        return resized_crops(image, boxes, size, self.interpolation)
+        if size <= BATCHED_MAX_SIDE:
+            return resized_crops(image, boxes, size, self.interpolation)
+        return torch.cat([
+            F.interpolate(image[None, :, top:top + h, left:left + w], size=(size, size),
+                          mode=self.interpolation, align_corners=False, antialias=True)
+            for top, left, h, w in boxes]).clamp_(0.0, 1.0)
 
     def _augment(self, image: Tensor, p: _Params) -> Tensor:
         """Crop + flip (+ AugMix) every view of one image: [n, 3, S, S] in [0, 1]."""
@@ -279,16 +288,19 @@ def resized_crops(image: Tensor, boxes: Sequence[tuple[int, int, int, int]], siz
     cols, wx = banded_weights(b[:, 1], b[:, 3], size, width, interpolation)
     pixels = image.to(torch.float32).permute(1, 2, 0).contiguous()  # [H, W, 3]
     step = max(1, GATHER_BUDGET // (rows.shape[1] * rows.shape[2] * width * 3))
-    for start in range(0, len(b), step):
+    for start in range(0, len(b), step):  # index_select + bmm: torch's fancy indexing and 4-D matmul are ~50x slower
         part = slice(start, start + step)
         n, c0, c1 = len(b[part]), int(b[part, 1].min()), int((b[part, 1] + b[part, 3]).max())
-        index = torch.from_numpy(rows[part]).to(device)
-        gathered = pixels[index, c0:c1].reshape(*index.shape, (c1 - c0) * 3)  # [n, G, span, w*3]
-        tall = (torch.from_numpy(wy[part]).to(device) @ gathered).reshape(n, -1, c1 - c0, 3)[:, :size]
-        tall = tall.transpose(1, 2).contiguous().reshape(n, c1 - c0, size * 3)  # [n, w, S rows * 3]
-        local = torch.from_numpy(np.clip(cols[part] - c0, 0, c1 - c0 - 1)).to(device)
-        wide = torch.from_numpy(wx[part]).to(device) @ tall[torch.arange(n, device=device)[:, None, None], local]
-        out[part] = wide.reshape(n, -1, size, 3)[:, :size].permute(0, 3, 2, 1)
+        w = c1 - c0
+        index = torch.from_numpy(rows[part]).to(device)  # [n, G, span]
+        gathered = pixels[:, c0:c1].reshape(height, w * 3).index_select(0, index.flatten())
+        weights = torch.from_numpy(wy[part]).to(device)
+        tall = torch.bmm(weights.flatten(0, 1), gathered.view(-1, index.shape[-1], w * 3))  # [n*G, B, w*3]
+        tall = tall.view(n, -1, w, 3)[:, :size].transpose(1, 2).reshape(n * w, size * 3)  # [n*w, S rows * 3]
+        local = torch.from_numpy(np.clip(cols[part] - c0, 0, w - 1) + w * np.arange(n)[:, None, None]).to(device)
+        weights = torch.from_numpy(wx[part]).to(device)
+        wide = torch.bmm(weights.flatten(0, 1), tall.index_select(0, local.flatten()).view(-1, local.shape[-1], size * 3))
+        out[part] = wide.view(n, -1, size, 3)[:, :size].permute(0, 3, 2, 1)
     return out.clamp_(0.0, 1.0)
 
 

@@ -199,8 +199,8 @@ def main() -> None:
     cifar = load_model(ModelSpec(model=args.cifar_model, pretrained=args.cifar_pretrained, device="cpu"))
     if not args.skip_accuracy:
         result["accuracy"] = accuracy(args, cifar_edge, cifar, log)
+        Path(args.out).write_text(json.dumps(result, indent=1, default=str))  # kept if the cost part dies
     if args.skip_cost:
-        Path(args.out).write_text(json.dumps(result, indent=1, default=str))
         return
     data = load_folder(args.data, classes=cifar_edge.label_set()[0], limit_per_class=1, seed=1)
     images = [decode_shifted(path, get_shift("clean"), 0) for path in data.paths[:args.cost_images]]
