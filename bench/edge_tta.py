@@ -71,6 +71,10 @@ def accuracy(args: argparse.Namespace, edge: EdgeModel, hosted, log) -> dict:
                 hits["torch_gs_bias"] += int(row["top1"] == label)
                 hits["torch_zero_shot"] += int(row["zero_shot_top1"] == label)
                 views["torch"] += row["views_encoded"]
+                if args.reseed:  # the same torch path with other views: how much the view draws alone move it
+                    (other,) = _torch_path(hosted, [img], base.replace(seed=base.seed + i + args.reseed), classifier,
+                                           pool, timed=False)
+                    hits["torch_gs_bias_reseeded"] = hits.get("torch_gs_bias_reseeded", 0) + int(other["top1"] == label)
             n = len(data.paths)
             out["shifts"][shift.name] = {**{k: 100 * v / n for k, v in hits.items()},
                                          **{f"{k}_views_mean": v / n for k, v in views.items()}}
@@ -184,6 +188,8 @@ def main() -> None:
     p.add_argument("--views", default="32,64")
     p.add_argument("--skip-accuracy", action="store_true")
     p.add_argument("--skip-cost", action="store_true")
+    p.add_argument("--reseed", type=int, default=0,
+                   help="also run torch GS-Bias with views drawn from seed + i + RESEED (a noise control)")
     p.add_argument("--threads", type=int, default=2, help="torch and onnxruntime intra-op threads, both")
     p.add_argument("--out", required=True)
     args = p.parse_args()
