@@ -70,7 +70,7 @@ def test_bundle_exports_patches_and_records_the_adaptation_block(bundle: Path, h
     edge = EdgeModel(bundle)
     pixels = np.stack([edge.preprocess(im) for im in images])
     feats, patches = edge.encode(pixels, with_patches=True)
-    want_feats, want_patches = image_features(hosted.module, torch.from_numpy(pixels), True)
+    _, want_patches = image_features(hosted.module, torch.from_numpy(pixels), True)
     assert patches.shape == tuple(want_patches.shape) == (4, 16, hosted.embed_dim)
     cos = (patches * want_patches.numpy()).sum(-1) / np.linalg.norm(patches, axis=-1) / want_patches.norm(dim=-1).numpy()
     assert cos.mean() > 0.99, "INT8 patch tokens through ln_post and the projection follow fp32"
@@ -96,8 +96,8 @@ def _features(edge: EdgeModel, adapter: EdgeAdapter, image, seed: int) -> tuple[
     return np.concatenate([feat0, *rest]), patches[0]
 
 
-@pytest.mark.parametrize("change", [dict(method="gs_bias"), dict(method="gs_bias", view_chunk=3, steps=3),
-                                    dict(method="zero", view_chunk=4), dict(method="gs_bias", skip_entropy=1.0)])
+@pytest.mark.parametrize("change", [{"method": "gs_bias"}, {"method": "gs_bias", "view_chunk": 3, "steps": 3},
+                                    {"method": "zero", "view_chunk": 4}, {"method": "gs_bias", "skip_entropy": 1.0}])
 def test_edge_loop_equals_the_torch_loop_on_the_same_features(bundle: Path, images, change: dict) -> None:
     edge = EdgeModel(bundle)
     s, _ = edge_settings(edge.adaptation, {"views": 12, **change})
@@ -143,7 +143,7 @@ def test_hosted_bundle_gets_patches_and_recorded_defaults_under_the_config(bundl
     assert served.has_patches
     d = served.adapt_defaults
     assert (d.method, d.views, d.crop_scale, d.augmix) == ("gs_bias", 20, (0.5, 1.0), False)
-    feats, patches = served.encode_images(torch.zeros(2, 3, 32, 32), with_patches=True)
+    _, patches = served.encode_images(torch.zeros(2, 3, 32, 32), with_patches=True)
     assert patches.shape == (2, 16, 32) and patches.dtype == torch.float32
 
 
