@@ -151,6 +151,8 @@ class EdgeAdapter:
 
         pieces = list(self._pieces())
         feats = [feat0.astype(np.float32)]
+        if not pieces:  # one view: the method runs on the original alone, as the torch loop does
+            return feats[0]
         pending: Future = self._pool.submit(render, *pieces[0][:2])
         for i, (lo, hi, chunk_end) in enumerate(pieces):
             views, render_s = pending.result()

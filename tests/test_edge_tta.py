@@ -179,6 +179,9 @@ def test_cli_tta_json_lines(bundle: Path, old_bundle: Path, tmp_path: Path, caps
     assert cli_edge.run(_cli(old_bundle, paths[:1], "--tta", "gs_bias", "--views", "4")) == 0
     (old,) = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert old["adaptation"]["global_only"] and "re-export" in old["adaptation"]["note"]
+    assert cli_edge.run(_cli(bundle, paths[:1], "--views", "1")) == 0
+    (one,) = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert one["adaptation"]["views_encoded"] == 1
     assert cli_edge.run(_cli(bundle, paths, "--views", "0")) == 2
     assert "adaptation.views" in capsys.readouterr().err
 
