@@ -114,8 +114,9 @@ class EdgeAdapter:
         started = time.perf_counter()
         gs = s.method == "gs_bias"
         view0 = model.preprocess(image)
+        start = time.perf_counter()
         feat0, patches = model.encode(view0[None], with_patches=gs)
-        times["encode_ms"] += 1000 * (time.perf_counter() - started)
+        times["encode_ms"] += 1000 * (time.perf_counter() - start)
         zero_shot = model.logits(feat0)[0]
         entropy = edge_adapt.normalized_entropy(zero_shot)
         report = {"method": s.method, "views_encoded": 1, "skipped": False, "steps_run": 0, "global_only": False,
