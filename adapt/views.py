@@ -12,7 +12,10 @@ mix Beta(1, 1)-blended with the crop. Differences from the PIL original, all del
   equalize still quantise to 256 levels, as kornia implements them).
 - The crop is resized with torch's antialiased interpolation (PIL-like) with `interpolation`
   (default bicubic; torchvision's RandomResizedCrop, used by the official code, defaults to
-  bilinear) and clamped to [0, 1] since bicubic overshoots.
+  bilinear) and clamped to [0, 1] since bicubic overshoots. Up to BATCHED_MAX_SIDE all crops of an
+  image are resized together: the filter's weights as banded matrices (adapt/resample.py, shared
+  with the edge renderer) applied by two batched matmuls, equal to one `F.interpolate(antialias=True)`
+  per view (used above that size, where it is faster) to ~1e-5 (float32 summation order).
 - Mixing happens before normalisation instead of after; it is affine with weights summing to 1,
   so the result is the same.
 - translate_x/y scale with S / 3 (the official code hard-codes IMAGE_SIZE = 224).
@@ -22,23 +25,28 @@ mix Beta(1, 1)-blended with the crop. Differences from the PIL original, all del
 `backend="triton"` (or "auto" on a CUDA device) renders with adaptclip.kernels.views from the same
 draws: with AugMix off the whole pipeline (crop, flip, normalise, cast) of a batch in one launch, with
 AugMix on the crop stage, the ops following as here; within 1e-3 of the torch path in [0, 1] units.
+
+`ViewPlan` draws an image's views up front and renders any range of them on demand, so the server
+renders chunk k + 1 while chunk k is encoded (server/pipeline.py) and any split gives the same views.
 """
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
 import kornia.enhance as KE
 import kornia.geometry.transform as KT
+import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 from PIL import Image
 from torch import Tensor
 
+from adaptclip.adapt.resample import GATHER_BUDGET, banded_weights
 from adaptclip.adapt.settings import AdaptSettings
 from adaptclip.kernels.backend import check_backend, resolve
 
@@ -49,6 +57,9 @@ _CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)  # torchvision RandomResizedCrop default
 _CROP_ATTEMPTS = 10  # torchvision tries 10 random boxes before its centre-crop fallback
 _INTERPOLATIONS = ("bilinear", "bicubic")
 MAX_VIEW_SIDE = 4  # huge photos are shrunk to 4x the input size (short side) before cropping views
+# Up to this output side all crops are resized in batched matmuls (2x faster at 32 px, 1.2-2x to 128 px,
+# one CPU thread); beyond, torch's per-view aa kernel wins (0.7-1x at 224 px): BENCHMARKS.md, issue 17.
+BATCHED_MAX_SIDE = 128
 
 
 @dataclass(frozen=True)
@@ -63,6 +74,10 @@ class _Params:
     ops: Tensor  # [n, width, max_depth] index into _OP_NAMES
     levels: Tensor  # [n, width, max_depth] AugMix sample_level(severity)
     signs: Tensor  # [n, width, max_depth] +-1 for the signed ops
+
+    def select(self, lo: int, hi: int) -> _Params:
+        """The draws of views lo..hi-1 only."""
+        return _Params(*(getattr(self, f.name)[lo:hi] for f in fields(self)))
 
 
 class ViewGenerator:
@@ -117,17 +132,25 @@ class ViewGenerator:
         if n_views == 1:
             return base_views.unsqueeze(1)
         device = base_views.device
+        params = [self._sample(torch.Generator(device="cpu").manual_seed(image_seed), n_views - 1, *image.shape[-2:])
+                  for image, image_seed in zip(images, seeds)]
         if not self.augmix and resolve(self.backend, device) == "triton":
-            return torch.cat([base_views.unsqueeze(1), self._kernel_views(images, seeds, n_views, base_views)], dim=1)
-        mean, std = self.mean.to(device), self.std.to(device)
-        views = []
-        for image, image_seed in zip(images, seeds):
-            generator = torch.Generator(device="cpu").manual_seed(image_seed)
-            params = self._sample(generator, n_views - 1, image.shape[-2], image.shape[-1])
-            x = self._augment(image.to(device=device, dtype=torch.float32), params)
-            views.append((x - mean) / std)
-        augmented = torch.stack(views).to(base_views.dtype)
+            return torch.cat([base_views.unsqueeze(1), self._kernel_views(images, params, base_views)], dim=1)
+        augmented = torch.stack([self._normalized(image.to(device=device, dtype=torch.float32), p, base_views.dtype)
+                                 for image, p in zip(images, params)])
         return torch.cat([base_views.unsqueeze(1), augmented], dim=1)
+
+    def plan(self, image: Tensor, base_view: Tensor, n_views: int, seed: int) -> ViewPlan:
+        """One image's n_views views (view 0 = base_view [3, S, S]), drawn now and rendered by range:
+        `plan.render(0, n_views)` equals `self([image], base_view[None], n_views, seed)[0]`."""
+        self._validate_call([image], base_view.unsqueeze(0), n_views, seed)
+        params = self._sample(torch.Generator(device="cpu").manual_seed(seed), n_views - 1, *image.shape[-2:])
+        return ViewPlan(self, image.to(device=base_view.device, dtype=torch.float32), base_view, params)
+
+    def _normalized(self, image: Tensor, params: _Params, dtype: torch.dtype) -> Tensor:
+        """The augmented views of `params`, normalised and cast: [n, 3, S, S]."""
+        mean, std = self.mean.to(image.device), self.std.to(image.device)
+        return ((self._augment(image, params) - mean) / std).to(dtype)
 
     def _validate_call(self, images: Sequence[Tensor], base_views: Tensor, n_views: int,
                        seed: int | Sequence[int] | None) -> list[int]:
@@ -173,14 +196,12 @@ class ViewGenerator:
         signs = torch.where(torch.rand(n, chains, max_depth, generator=g) > 0.5, -1.0, 1.0)
         return _Params(boxes, flip, mix_weights, blend, depth, ops, levels, signs)
 
-    def _kernel_views(self, images: Sequence[Tensor], seeds: list[int], n_views: int, base_views: Tensor) -> Tensor:
-        """The augmented views [B, n_views - 1, 3, S, S] of `__call__` without AugMix, from the same draws,
-        cropped, flipped, normalised and cast to base_views' dtype by one kernel launch for the batch."""
+    def _kernel_views(self, images: Sequence[Tensor], params: Sequence[_Params], base_views: Tensor) -> Tensor:
+        """The augmented views [B, n, 3, S, S] of `params` without AugMix, cropped, flipped, normalised
+        and cast to base_views' dtype by one kernel launch for the batch."""
         from adaptclip.kernels.views import render_batch
 
         device = base_views.device
-        params = [self._sample(torch.Generator(device="cpu").manual_seed(image_seed), n_views - 1, *image.shape[-2:])
-                  for image, image_seed in zip(images, seeds)]
         sources = [image.to(device=device, dtype=torch.float32) for image in images]
         return render_batch(sources, [p.boxes for p in params], torch.stack([p.flip for p in params]), self.image_size,
                             self.mean.flatten().tolist(), self.std.flatten().tolist(), self.interpolation,
@@ -194,6 +215,8 @@ class ViewGenerator:
 
             return render_batch([image], [boxes], [[False] * len(boxes)], size, (0.0,) * 3, (1.0,) * 3,
                                 self.interpolation)[0]
+        if size <= BATCHED_MAX_SIDE:
+            return resized_crops(image, boxes, size, self.interpolation)
         return torch.cat([
             F.interpolate(image[None, :, top:top + h, left:left + w], size=(size, size),
                           mode=self.interpolation, align_corners=False, antialias=True)
@@ -224,23 +247,85 @@ class ViewGenerator:
         return blend * crops + (1 - blend) * mix
 
 
+class ViewPlan:
+    """One image's views drawn up front (`ViewGenerator.plan`): any range renders alone, equal to the
+    same views rendered all at once, so rendering can be cut into chunks that overlap encoding."""
+
+    def __init__(self, gen: ViewGenerator, image: Tensor, base_view: Tensor, params: _Params) -> None:
+        self.gen, self.image, self.base_view, self.params = gen, image, base_view, params
+
+    def __len__(self) -> int:
+        return len(self.params.flip) + 1
+
+    def render(self, lo: int, hi: int) -> Tensor:
+        """Views lo..hi-1 [hi - lo, 3, S, S] (view 0 the base view) on the base view's device and dtype."""
+        if not 0 <= lo <= hi <= len(self):
+            raise ValueError(f"view range [{lo}, {hi}) outside 0..{len(self)}")
+        head = [self.base_view.unsqueeze(0)] if lo == 0 else []
+        if hi <= max(lo, 1):
+            return torch.cat(head) if head else self.base_view.new_empty((0, *self.base_view.shape))
+        part = self.params.select(max(lo, 1) - 1, hi - 1)
+        gen, dtype = self.gen, self.base_view.dtype
+        if not gen.augmix and resolve(gen.backend, self.image.device) == "triton":
+            views = gen._kernel_views([self.image], [part], self.base_view.unsqueeze(0))[0]
+        else:
+            views = gen._normalized(self.image, part, dtype)
+        return torch.cat([*head, views])
+
+
+def resized_crops(image: Tensor, boxes: Sequence[tuple[int, int, int, int]], size: int,
+                  interpolation: str = "bicubic") -> Tensor:
+    """Every box (top, left, h, w) of `image` [3, H, W] (float in [0, 1]) resized to size x size with
+    antialiasing, clamped to [0, 1]: [n, 3, S, S], equal to `F.interpolate(crop, antialias=True)` per
+    view. The banded weights of adapt/resample.py applied with two batched matmuls per cache-sized
+    chunk of views, on the image's device (the same arithmetic as compression.edge_views.resized_crops)."""
+    b = np.asarray(boxes, np.int64).reshape(-1, 4)
+    device, (height, width) = image.device, image.shape[-2:]
+    out = torch.empty((len(b), 3, size, size), device=device)
+    if len(b) == 0:
+        return out
+    rows, wy = banded_weights(b[:, 0], b[:, 2], size, height, interpolation)
+    cols, wx = banded_weights(b[:, 1], b[:, 3], size, width, interpolation)
+    pixels = image.to(torch.float32).permute(1, 2, 0).contiguous()  # [H, W, 3]
+    step = max(1, GATHER_BUDGET // (rows.shape[1] * rows.shape[2] * width * 3))
+    for start in range(0, len(b), step):  # index_select + bmm: torch's fancy indexing and 4-D matmul are ~50x slower
+        part = slice(start, start + step)
+        n, c0, c1 = len(b[part]), int(b[part, 1].min()), int((b[part, 1] + b[part, 3]).max())
+        w = c1 - c0
+        index = torch.from_numpy(rows[part]).to(device)  # [n, G, span]
+        gathered = pixels[:, c0:c1].reshape(height, w * 3).index_select(0, index.flatten())
+        weights = torch.from_numpy(wy[part]).to(device)
+        tall = torch.bmm(weights.flatten(0, 1), gathered.view(-1, index.shape[-1], w * 3))  # [n*G, B, w*3]
+        tall = tall.view(n, -1, w, 3)[:, :size].transpose(1, 2).reshape(n * w, size * 3)  # [n*w, S rows * 3]
+        local = torch.from_numpy(np.clip(cols[part] - c0, 0, w - 1) + w * np.arange(n)[:, None, None]).to(device)
+        weights = torch.from_numpy(wx[part]).to(device)
+        wide = torch.bmm(weights.flatten(0, 1), tall.index_select(0, local.flatten()).view(-1, local.shape[-1], size * 3))
+        out[part] = wide.view(n, -1, size, 3)[:, :size].permute(0, 3, 2, 1)
+    return out.clamp_(0.0, 1.0)
+
+
 @lru_cache(maxsize=64)
 def _generator(image_size: int, mean: tuple[float, ...], std: tuple[float, ...], crop_scale: tuple[float, float],
                augmix: bool, backend: str = "torch") -> ViewGenerator:
     return ViewGenerator(image_size, mean, std, crop_scale=crop_scale, augmix=augmix, backend=backend)
 
 
-def render_views(model: EncoderModel, img: Image.Image, view0: Tensor, s: AdaptSettings) -> Tensor:
-    """[V, 3, S, S] views of a decoded image for `model`: view 0 its own preprocessing (given), the rest
-    augmented with the settings' crops and AugMix, seeded by `s.seed`; rendered on the model's device with
-    its view backend (`model.kernels.views`), returned on the CPU (encoder batches are assembled there)."""
+def view_plan(model: EncoderModel, img: Image.Image, view0: Tensor, s: AdaptSettings) -> ViewPlan:
+    """The s.views views of a decoded image for `model`, drawn now (seeded by `s.seed`), rendered by
+    range: view 0 its own preprocessing (given), the rest augmented with the settings' crops and AugMix,
+    on the model's device with its view backend (`model.kernels.views`)."""
     size = model.image_size
     short = min(img.size)
     if short > MAX_VIEW_SIDE * size:
         factor = MAX_VIEW_SIDE * size / short
         img = img.resize((round(img.width * factor), round(img.height * factor)), Image.BICUBIC)
     gen = _generator(size, model.mean, model.std, s.crop_scale, s.augmix, model.kernels.views)
-    return gen([TF.to_tensor(img)], view0.unsqueeze(0).to(model.device), s.views, seed=s.seed)[0].cpu()
+    return gen.plan(TF.to_tensor(img), view0.to(model.device), s.views, s.seed)
+
+
+def render_views(model: EncoderModel, img: Image.Image, view0: Tensor, s: AdaptSettings) -> Tensor:
+    """[V, 3, S, S] views of `view_plan`, all at once, on the CPU (encoder batches are assembled there)."""
+    return view_plan(model, img, view0, s).render(0, s.views).cpu()
 
 
 def _crop_boxes(g: torch.Generator, n: int, height: int, width: int,

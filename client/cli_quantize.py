@@ -30,6 +30,27 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--calib-method", choices=["minmax", "percentile", "entropy"], default="minmax")
     p.add_argument("--threads", type=int, help="torch CPU threads for the synthesis (1 is fastest on a busy machine)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--adaptation-from", metavar="YAML",
+                   help="record the adaptation defaults of this server config (or `adaptclip tune` result) in the "
+                        "bundle: the `adaptation:` block of the entry for --model, or of its only entry")
+
+
+def adaptation_block(path: str, model: str) -> dict:
+    """The `adaptation:` block of the config entry serving `model` (same file name or served name), or of
+    the only entry; ValueError when none or several match."""
+    from pathlib import Path
+
+    from adaptclip.server.config import load_config
+
+    specs = load_config(path).models
+    stem = Path(model).stem
+    matching = [s for s in specs if Path(s.model).name == Path(model).name or s.name == stem
+                or (s.bundle is None and s.model == model)]
+    if len(matching) == 1 or len(specs) == 1:
+        return dict((matching or specs)[0].adaptation)
+    found = ", ".join(s.name or s.model for s in specs)
+    raise ValueError(f"--adaptation-from {path}: {'no' if not matching else 'several'} model entries for {model} "
+                     f"(entries: {found})")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -50,11 +71,17 @@ def run(args: argparse.Namespace) -> int:
     if not labels:
         print("adaptclip quantize: no labels given", file=sys.stderr)
         return 2
+    try:
+        adaptation = adaptation_block(args.adaptation_from, args.model) if args.adaptation_from else None
+    except (OSError, ValueError) as exc:
+        print(f"adaptclip quantize: {exc}", file=sys.stderr)
+        return 2
     cfg = BundleConfig(calib=args.calib, n_calib=args.n_calib, n_check=args.n_check, check_images=args.check_images,
                        min_cosine=args.min_cosine,
                        quant=QuantConfig(bits=args.bits, ops=args.ops, calib_method=args.calib_method,
                                          attention=args.attention, reduce_range=not args.full_range_weights),
-                       synthesis=SynthesisConfig(iters=args.iters, seed=args.seed, progress=not args.quiet))
+                       synthesis=SynthesisConfig(iters=args.iters, seed=args.seed, progress=not args.quiet),
+                       adaptation=adaptation, adaptation_source=args.adaptation_from or "model config")
     try:
         hosted = load_model(ModelSpec(model=args.model, pretrained=args.pretrained, device="cpu",
                                       random_init=args.random_init))
@@ -66,5 +93,6 @@ def run(args: argparse.Namespace) -> int:
     print(json.dumps({"bundle": args.output, "bits": args.bits, "calib": args.calib,
                       "cosine_mean": a["cosine_mean"], "cosine_min": a["cosine_min"],
                       "top1_agreement": a["top1_agreement"], "model_bytes": s["model_bytes"],
-                      "fp32_onnx_bytes": s["fp32_onnx_bytes"]}))
+                      "fp32_onnx_bytes": s["fp32_onnx_bytes"], "patches": manifest["onnx"]["patches"] is not None,
+                      "adaptation": manifest["adaptation"]["settings"]}))
     return 0

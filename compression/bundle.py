@@ -3,8 +3,10 @@
 A bundle is a folder the torch-free edge runner (compression/edge.py) can use on its own:
 
     manifest.json            format, model source, preprocessing, logit scale, label sets,
-                             quantisation settings, agreement with fp32, sizes, versions
-    model.onnx               the quantised image tower (pixels [N,3,S,S] -> embedding [N,D])
+                             adaptation defaults, quantisation settings, agreement with fp32, sizes, versions
+    model.onnx               the quantised image tower (pixels [N,3,S,S] -> embedding [N,D], and for
+                             ViT towers patches [N,P,D]: every patch token through ln_post and the
+                             projection, for GS-Bias's spatial bias; format 1 bundles lack it)
     label_sets/NAME.json     labels and templates
     label_sets/NAME.npy      the precomputed zero-shot text classifier [C, D] (no text tower needed)
 
@@ -16,7 +18,7 @@ import json
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -25,10 +27,11 @@ import onnxruntime as ort
 import open_clip
 import torch
 
-from adaptclip.compression.export import (INPUT_NAME, OUTPUT_NAME, SIMULATED_ONLY, Agreement, QuantConfig, agreement,
-                                          check_agreement, export_image_tower, quantize, run_onnx, session,
-                                          torch_embeddings)
-from adaptclip.compression.edge import BUNDLE_FORMAT
+from adaptclip.adapt.settings import AdaptSettings, FieldError, settings_from_dict
+from adaptclip.compression.export import (INPUT_NAME, OUTPUT_NAME, PATCHES_NAME, SIMULATED_ONLY, Agreement,
+                                          QuantConfig, agreement, check_agreement, export_image_tower, quantize,
+                                          run_onnx, session, torch_embeddings)
+from adaptclip.compression.edge_model import BUNDLE_FORMAT
 from adaptclip.compression.spdfq import SynthesisConfig, gaussian_images, real_images, synthesize
 from adaptclip.compression.models import TorchModel
 
@@ -47,6 +50,10 @@ class BundleConfig:
     opset: int = 17
     quant: QuantConfig = field(default_factory=QuantConfig)
     synthesis: SynthesisConfig = field(default_factory=SynthesisConfig)
+    # The model's test-time adaptation defaults, recorded as given (a plain dict: fields a newer
+    # adaptclip added are kept, the edge applies those it knows); None = the model spec's block.
+    adaptation: dict | None = None
+    adaptation_source: str = "model config"
 
 
 def calibration_images(source: str, hosted: TorchModel, classifier: torch.Tensor, n: int,
@@ -92,6 +99,7 @@ def build_bundle(hosted: TorchModel, label_sets: dict[str, tuple[tuple[str, ...]
         raise ValueError(f"quantisation runs on CPU (synthesis, export and onnxruntime calibration); load the model "
                          f"with device cpu, not {hosted.device}")
     cfg.quant.validate()
+    adaptation = _adaptation(hosted, cfg)
     if cfg.quant.bits in SIMULATED_ONLY:
         raise ValueError(f"{cfg.quant.bits} has no onnxruntime kernels (int4 activations): it is for accuracy "
                          f"studies (bench/quantize.py), not bundles; use w8a8 or w4a8")
@@ -120,7 +128,8 @@ def build_bundle(hosted: TorchModel, label_sets: dict[str, tuple[tuple[str, ...]
         class_np = {k: v.numpy() for k, v in classifiers.items()}
         result = agreement(ref, run_onnx(session(model_path), held_out.numpy()), class_np)
         check_agreement(result, cfg.min_cosine, f"the {cfg.quant.bits.upper()} model ({cfg.calib} calibration)")
-        manifest = _write_files(work / "bundle", hosted, label_sets, class_np, cfg, result,
+        patches = _patch_agreement(hosted, model_path, held_out)
+        manifest = _write_files(work / "bundle", hosted, label_sets, class_np, cfg, result, patches, adaptation,
                                 fp32_bytes=_file_bytes(fp32), calibrated_s=calibrated_s,
                                 total_s=time.perf_counter() - started)
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -129,9 +138,32 @@ def build_bundle(hosted: TorchModel, label_sets: dict[str, tuple[tuple[str, ...]
     return manifest
 
 
+def _patch_agreement(hosted: TorchModel, model_path: Path, held_out: torch.Tensor) -> dict | None:
+    """Cosine of the quantised patch features to fp32's on the held-out images (None: no patch output)."""
+    if not hosted.has_patches:
+        return None
+    ref = torch_embeddings(hosted.module, held_out, patches=True)
+    got = run_onnx(session(model_path), held_out.numpy(), output=PATCHES_NAME)
+    result = agreement(ref.reshape(-1, ref.shape[-1]), got.reshape(-1, got.shape[-1]), {})
+    return {"cosine_mean": round(result.cosine_mean, 6), "cosine_min": round(result.cosine_min, 6),
+            "n_patches": result.n_images}
+
+
+def _adaptation(hosted: TorchModel, cfg: BundleConfig) -> dict:
+    """The recorded defaults: the known fields checked now (a bad value fails the export, not the edge),
+    every field kept as given."""
+    block = dict(hosted.spec.adaptation if cfg.adaptation is None else cfg.adaptation)
+    known = {f.name for f in fields(AdaptSettings)}
+    try:
+        settings_from_dict({k: v for k, v in block.items() if k in known})
+    except FieldError as exc:
+        raise ValueError(f"adaptation defaults ({cfg.adaptation_source}): {exc}") from None
+    return {"settings": block, "source": cfg.adaptation_source}
+
+
 def _write_files(folder: Path, hosted: TorchModel, label_sets: dict[str, tuple[tuple[str, ...], tuple[str, ...]]],
-                 classifiers: dict[str, np.ndarray], cfg: BundleConfig, result: Agreement, fp32_bytes: int,
-                 calibrated_s: float, total_s: float) -> dict:
+                 classifiers: dict[str, np.ndarray], cfg: BundleConfig, result: Agreement, patches: dict | None,
+                 adaptation: dict, fp32_bytes: int, calibrated_s: float, total_s: float) -> dict:
     (folder / "label_sets").mkdir()
     entries = []
     for name, (labels, templates) in label_sets.items():
@@ -147,17 +179,20 @@ def _write_files(folder: Path, hosted: TorchModel, label_sets: dict[str, tuple[t
         "model": {"name": hosted.name, "source": hosted.spec.model, "pretrained": hosted.spec.pretrained,
                   "random_init": hosted.spec.random_init, "fingerprint": hosted.fingerprint,
                   "embed_dim": hosted.embed_dim},
-        "onnx": {"file": "model.onnx", "input": INPUT_NAME, "output": OUTPUT_NAME, "export_opset": cfg.opset,
+        "onnx": {"file": "model.onnx", "input": INPUT_NAME, "output": OUTPUT_NAME,
+                 "patches": PATCHES_NAME if patches is not None else None, "export_opset": cfg.opset,
                  "opset": next(d.version for d in onnx.load(str(folder / "model.onnx")).opset_import
                                if d.domain in ("", "ai.onnx"))},
         "preprocess": preprocess_params(hosted),
         "logit_scale": hosted.logit_scale,
         "logit_bias": hosted.logit_bias,
         "label_sets": entries,
+        "adaptation": adaptation,
         "quantization": {**asdict(cfg.quant), "format": "QDQ", "weights": "per-channel" if cfg.quant.per_channel else "per-tensor",
                          "activations": "static per-tensor", "calibration": cfg.calib, "n_calib": cfg.n_calib,
                          **({"synthesis": asdict(cfg.synthesis)} if cfg.calib == "spdfq" else {})},
-        "agreement": {"against": "fp32 torch", "images": held, "min_cosine": cfg.min_cosine, **result.as_dict()},
+        "agreement": {"against": "fp32 torch", "images": held, "min_cosine": cfg.min_cosine, **result.as_dict(),
+                      "patches": patches},
         "sizes": {"model_bytes": model_bytes, "fp32_onnx_bytes": fp32_bytes,
                   "ratio": round(model_bytes / fp32_bytes, 4) if fp32_bytes else None},
         "timings_s": {"calibration_images": round(calibrated_s, 2), "total": round(total_s, 2)},

@@ -3,13 +3,16 @@
 It runs the bundle with the edge runner's own code (compression/edge.py: same preprocessing, same
 session), so a served answer equals `adaptclip edge classify`'s. A bundle carries no text tower,
 which bounds what it can do: it classifies with the label sets it was exported with (its
-`fixed_label_sets`), GS-Bias adapts the global bias only (the ONNX graph returns no patch tokens),
-ZERO works as usual, and TPT and text embeddings are refused (`text` is None).
+`fixed_label_sets`), GS-Bias gets its spatial bias from the graph's patch output (bundles of format
+1 have none: global bias only, said in the report's note and GetModelInfo), ZERO works as usual, and
+TPT and text embeddings are refused (`text` is None). Its adaptation defaults are those recorded in
+the bundle at export, under the config entry's `adaptation:` block.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,8 +21,8 @@ from PIL import Image
 from torch import Tensor
 
 from adaptclip.adapt.encoder import EncoderModel, FixedLabelSet
-from adaptclip.adapt.settings import FieldError, settings_from_dict
-from adaptclip.compression.edge import EdgeModel, default_providers
+from adaptclip.compression.edge_model import EdgeModel, default_providers
+from adaptclip.compression.edge_tta import edge_settings
 from adaptclip.compression.models import ModelLoadError, ModelSpec
 
 _PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
@@ -41,18 +44,19 @@ class BundleModel(EncoderModel):
 
     @property
     def has_patches(self) -> bool:
-        return False
+        return self.edge.has_patches
 
     def preprocess(self, image: Image.Image) -> Tensor:
         return torch.from_numpy(self.edge.preprocess(image))
 
     def encode_images(self, images: Tensor, with_patches: bool = False,
                       keep_rate: float = 1.0) -> tuple[Tensor, Tensor | None]:
-        """[N, 3, H, W] preprocessed -> fp32 features [N, D] from the ONNX graph (no patch tokens)."""
+        """[N, 3, H, W] preprocessed -> fp32 features [N, D] (+ patches [N, P, D] when asked and exported)."""
         if keep_rate < 1.0:
             raise ValueError("an exported bundle cannot drop tokens")
-        feats = self.edge.encode_images(images.detach().cpu().numpy())
-        return torch.from_numpy(np.asarray(feats, dtype=np.float32)), None
+        feats, patches = self.edge.encode(images.detach().cpu().numpy(), with_patches)
+        return (torch.from_numpy(np.asarray(feats, dtype=np.float32)),
+                None if patches is None else torch.from_numpy(np.asarray(patches, dtype=np.float32)))
 
 
 def _bits(edge: EdgeModel) -> str:
@@ -60,12 +64,13 @@ def _bits(edge: EdgeModel) -> str:
 
 
 def _fingerprint(edge: EdgeModel) -> str:
-    """Hash of the ONNX graph and the preprocessing: what the features depend on."""
+    """Hash of the ONNX graph, the preprocessing and the patch output used: what the answers depend on (a
+    format-1 manifest over the same graph adapts globally only, so it must not share cached results)."""
     h = hashlib.blake2b(digest_size=16)
     with open(edge.root / edge.manifest["onnx"]["file"], "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
-    h.update(json.dumps(edge.pre, sort_keys=True).encode())
+    h.update(json.dumps([edge.pre, edge.patches_name], sort_keys=True).encode())
     return "onnx-" + h.hexdigest()
 
 
@@ -83,11 +88,12 @@ def load_bundle(spec: ModelSpec) -> BundleModel:
     except (OSError, ValueError, KeyError) as exc:
         raise ModelLoadError(f"cannot load bundle '{spec.bundle}': {exc}") from exc
     try:
-        adapt_defaults = settings_from_dict(dict(spec.adaptation))
-    except FieldError as exc:
+        adapt_defaults, ignored = edge_settings(edge.adaptation, dict(spec.adaptation))
+    except ValueError as exc:  # adapt.settings.FieldError included
         raise ModelLoadError(f"bundle '{spec.bundle}': {exc}") from None
-    if adapt_defaults.method == "tpt":
-        raise ModelLoadError(f"bundle '{spec.bundle}': adaptation method tpt needs a text tower")
+    if ignored:
+        logging.getLogger(__name__).warning("bundle %s: recorded adaptation setting(s) not applied: %s",
+                                            spec.bundle, ", ".join(ignored))
     fixed = tuple(FixedLabelSet(name, tuple(edge.label_set(name)[0]), tuple(edge.templates[name]),
                                 torch.from_numpy(edge.label_set(name)[1].copy()))
                   for name in edge.label_set_names)

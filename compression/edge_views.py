@@ -29,16 +29,14 @@ from dataclasses import dataclass, fields
 import numpy as np
 from PIL import Image, ImageOps
 
-from adaptclip.compression.edge import preprocess_image
+from adaptclip.adapt.resample import FILTERS, GATHER_BUDGET, banded_weights
+from adaptclip.compression.edge_model import preprocess_image
 
 MAX_VIEW_SIDE = 4  # huge photos are shrunk to 4x the input size (short side) before cropping views
 CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)  # torchvision RandomResizedCrop default
 CROP_ATTEMPTS = 10  # torchvision tries 10 random boxes before its centre-crop fallback
 OP_NAMES = ("autocontrast", "equalize", "posterize", "rotate", "solarize",
             "shear_x", "shear_y", "translate_x", "translate_y")
-_FILTERS = {"bicubic": 2.0, "bilinear": 1.0}  # filter support at scale 1
-_BLOCK = 8  # outputs per dense block of the banded resampling matrices
-_GATHER_BUDGET = 1 << 20  # floats gathered per batched matmul (cache-sized chunks of views are fastest)
 
 
 @dataclass(frozen=True)
@@ -87,40 +85,6 @@ def crop_boxes(rng: np.random.Generator, n: int, height: int, width: int,
     return boxes
 
 
-def _banded_weights(starts: np.ndarray, lengths: np.ndarray, size: int, limit: int,
-                    interpolation: str) -> tuple[np.ndarray, np.ndarray]:
-    """Antialiased resampling of [start, start + length) to `size` samples for each view, as PIL's
-    and torch's (antialias=True) separable filters compute it, in dense blocks of _BLOCK outputs.
-
-    Returns (index [n, G, span]: input positions in [0, limit), weights [n, G, _BLOCK, span] float32):
-    output g * _BLOCK + i of view v = sum_t weights[v, g, i, t] * input[index[v, g, t]].
-    """
-    support0 = _FILTERS[interpolation]
-    blocks = -(-size // _BLOCK)
-    length = lengths.astype(np.float64)[:, None, None]
-    scale = length / size
-    stretch = np.maximum(scale, 1.0)  # the filter widens when downsampling (antialiasing)
-    support = support0 * stretch
-    # Padding outputs past `size` repeat the last one; callers drop them.
-    out = np.minimum(np.arange(blocks * _BLOCK), size - 1).reshape(1, blocks, _BLOCK)
-    center = (out + 0.5) * scale  # [n, G, B]
-    lo = np.maximum(np.trunc(center - support + 0.5), 0).astype(np.int64)
-    hi = np.minimum(np.trunc(center + support + 0.5), length).astype(np.int64)
-    first = lo[:, :, :1]  # [n, G, 1]: taps start nondecreasing, so a block starts at its first output's
-    span = int((hi[:, :, -1:] - first).max())
-    taps = first[..., None] + np.arange(span)  # [n, G, 1, span] crop-relative positions
-    x = np.abs((taps - center[..., None] + 0.5) / stretch[..., None])
-    if interpolation == "bicubic":  # Keys a = -0.5, as PIL and torch's antialiased bicubic
-        kernel = np.where(x < 1.0, (1.5 * x - 2.5) * x * x + 1.0,
-                          np.where(x < 2.0, ((-0.5 * x + 2.5) * x - 4.0) * x + 2.0, 0.0))
-    else:
-        kernel = np.maximum(1.0 - x, 0.0)
-    kernel = np.where((taps >= lo[..., None]) & (taps < hi[..., None]), kernel, 0.0)
-    kernel /= kernel.sum(axis=-1, keepdims=True)
-    index = np.clip(starts[:, None, None] + taps[:, :, 0], 0, limit - 1)  # out-of-crop taps weigh 0
-    return index, kernel.astype(np.float32)
-
-
 def resized_crops(pixels: np.ndarray, boxes: np.ndarray, size: int, interpolation: str = "bicubic") -> np.ndarray:
     """Crop every box of `pixels` [H, W, 3] (float in [0, 1]) and resize it to size x size with
     antialiasing: [n, 3, size, size] float32, clamped to [0, 1], equal to the torch path's per-view
@@ -130,10 +94,10 @@ def resized_crops(pixels: np.ndarray, boxes: np.ndarray, size: int, interpolatio
     height, width = pixels.shape[:2]
     if len(boxes) == 0:
         return np.empty((0, 3, size, size), np.float32)
-    rows, wy = _banded_weights(boxes[:, 0], boxes[:, 2], size, height, interpolation)
-    cols, wx = _banded_weights(boxes[:, 1], boxes[:, 3], size, width, interpolation)
+    rows, wy = banded_weights(boxes[:, 0], boxes[:, 2], size, height, interpolation)
+    cols, wx = banded_weights(boxes[:, 1], boxes[:, 3], size, width, interpolation)
     out = np.empty((len(boxes), 3, size, size), np.float32)
-    step = max(1, _GATHER_BUDGET // (rows.shape[1] * rows.shape[2] * width * 3))
+    step = max(1, GATHER_BUDGET // (rows.shape[1] * rows.shape[2] * width * 3))
     for start in range(0, len(boxes), step):
         part = slice(start, start + step)
         n = len(boxes[part])
@@ -254,8 +218,8 @@ class ViewRenderer:
         if isinstance(augmix_depth, bool) or not isinstance(augmix_depth, int) or not (
                 augmix_depth == -1 or augmix_depth >= 1):
             raise ValueError(f"augmix_depth must be -1 (random 1..3) or an int >= 1, got {augmix_depth!r}")
-        if interpolation not in _FILTERS:
-            raise ValueError(f"interpolation must be one of {tuple(_FILTERS)}, got {interpolation!r}")
+        if interpolation not in FILTERS:
+            raise ValueError(f"interpolation must be one of {tuple(FILTERS)}, got {interpolation!r}")
         self.image_size = image_size
         self.mean = np.asarray(mean, np.float32).reshape(3, 1, 1)
         self.std = np.asarray(std, np.float32).reshape(3, 1, 1)

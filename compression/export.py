@@ -22,7 +22,9 @@ from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, 
                                       quant_pre_process, quantize_static)
 from torch import nn
 
-INPUT_NAME, OUTPUT_NAME = "pixels", "embedding"
+from adaptclip.compression.models import image_features, supports_patches
+
+INPUT_NAME, OUTPUT_NAME, PATCHES_NAME = "pixels", "embedding", "patches"
 # bits -> (weight type, activation type). w4a4 is for accuracy studies only: onnxruntime has no
 # kernels for int4 activations, so such a model runs only with graph optimisations off (QDQ
 # simulated in fp32), and bundles refuse it.
@@ -63,14 +65,18 @@ class QuantConfig:
 
 
 class ImageTower(nn.Module):
-    """The CLIP image tower as exported: normalised pixels [N, 3, S, S] -> unnormalised embedding [N, D]."""
+    """The CLIP image tower as exported: normalised pixels [N, 3, S, S] -> unnormalised embedding [N, D],
+    and with `patches` every patch token [N, P, D] through ln_post and the projection, as GS-Bias's
+    spatial bias scores them (`compression.models.image_features`)."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, patches: bool = False) -> None:
         super().__init__()
-        self.visual = model.visual
+        self.model, self.patches = model, patches
 
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.visual(pixels)
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if not self.patches:
+            return self.model.visual(pixels)
+        return image_features(self.model, pixels, True)
 
 
 def session(path: str | Path, providers: list[str] | None = None, optimize: bool = True,
@@ -84,22 +90,27 @@ def session(path: str | Path, providers: list[str] | None = None, optimize: bool
     return ort.InferenceSession(str(path), opts, providers=providers or ["CPUExecutionProvider"])
 
 
-def run_onnx(sess: ort.InferenceSession, pixels: np.ndarray, batch: int = 64) -> np.ndarray:
-    """Embeddings of [N, 3, S, S] pixels, in batches."""
-    return np.concatenate([sess.run(None, {INPUT_NAME: np.ascontiguousarray(pixels[i:i + batch], np.float32)})[0]
+def run_onnx(sess: ort.InferenceSession, pixels: np.ndarray, batch: int = 64, output: str = OUTPUT_NAME) -> np.ndarray:
+    """One output (embeddings by default) of [N, 3, S, S] pixels, in batches."""
+    return np.concatenate([sess.run([output], {INPUT_NAME: np.ascontiguousarray(pixels[i:i + batch], np.float32)})[0]
                            for i in range(0, len(pixels), batch)])
 
 
 @torch.inference_mode()
-def torch_embeddings(model: nn.Module, pixels: torch.Tensor, batch: int = 64) -> np.ndarray:
-    return torch.cat([model.visual(pixels[i:i + batch].float()) for i in range(0, len(pixels), batch)]).numpy()
+def torch_embeddings(model: nn.Module, pixels: torch.Tensor, batch: int = 64, patches: bool = False) -> np.ndarray:
+    """Embeddings [N, D] (or patch features [N, P, D]) of the fp32 torch tower, in batches."""
+    return torch.cat([image_features(model, pixels[i:i + batch].float(), patches)[1 if patches else 0]
+                      for i in range(0, len(pixels), batch)]).numpy()
 
 
 def export_image_tower(model: nn.Module, path: str | Path, image_size: int, opset: int = 17,
                        atol: float = 1e-3) -> Path:
-    """Export to ONNX (dynamic batch), run onnx.checker, and compare with torch on a batch of 3."""
+    """Export to ONNX (dynamic batch), run onnx.checker, and compare with torch on a batch of 3. ViT
+    towers (`supports_patches`) get a second output, the patch features."""
     path = Path(path)
-    tower = ImageTower(model).eval().float()
+    patches = supports_patches(model)
+    outputs = [OUTPUT_NAME, PATCHES_NAME] if patches else [OUTPUT_NAME]
+    tower = ImageTower(model, patches).eval().float()
     probe = torch.randn(3, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
     fastpath = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)  # the fused MHA kernel has no ONNX export
@@ -107,16 +118,18 @@ def export_image_tower(model: nn.Module, path: str | Path, image_size: int, opse
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notices
             torch.onnx.export(tower, (probe[:2],), str(path), dynamo=False, input_names=[INPUT_NAME],
-                              output_names=[OUTPUT_NAME], opset_version=opset,
-                              dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
+                              output_names=outputs, opset_version=opset,
+                              dynamic_axes={name: {0: "batch"} for name in [INPUT_NAME, *outputs]})
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
     onnx.checker.check_model(str(path))
-    got = run_onnx(session(path), probe.numpy())
-    want = torch_embeddings(model, probe)
-    err = float(np.abs(got - want).max())
-    if not np.allclose(got, want, atol=atol, rtol=1e-3):
-        raise ExportError(f"ONNX export disagrees with torch: max abs difference {err:.2e} > {atol:.0e}")
+    sess = session(path)
+    for output in outputs:
+        got = run_onnx(sess, probe.numpy(), output=output)
+        want = torch_embeddings(model, probe, patches=output == PATCHES_NAME)
+        err = float(np.abs(got - want).max())
+        if not np.allclose(got, want, atol=atol, rtol=1e-3):
+            raise ExportError(f"ONNX export disagrees with torch on {output}: max abs difference {err:.2e} > {atol:.0e}")
     return path
 
 

@@ -1,8 +1,9 @@
 """One image's way through the service: features from the cache or the encoder batcher, then the adaptive loop.
 
 `ImageViews` is the server's view source for `adapt.loop.adapt_image`: it decodes and renders only when
-something is missing, submits views to the shared encoder batcher in pieces of at most a batch, and
-hands the cache what it computed. The loop itself (gate, chunks, early stop, method) is the one the
+something is missing, renders the views a piece at a time on the worker pool (piece k + 1 while piece
+k waits for the shared encoder batcher; the draws are made up front, `adapt.views.view_plan`, so any
+split gives the same views), and hands the cache what it computed. The loop itself (gate, chunks, early stop, method) is the one the
 accuracy harness runs.
 """
 from __future__ import annotations
@@ -21,10 +22,11 @@ from torch import Tensor
 from adaptclip.adapt.loop import Outcome, adapt_image
 from adaptclip.adapt.methods import MethodResult, adapt_views
 from adaptclip.adapt.settings import AdaptSettings
-from adaptclip.adapt.views import render_views
+from adaptclip.adapt.views import ViewPlan, view_plan
 from adaptclip.server.hosting import Hosted
 
 Decode = Callable[[], Awaitable[tuple[Image.Image, Tensor]]]
+RENDER_CHUNK = 16  # views rendered per piece (at most a batch): small enough that rendering overlaps encoding
 
 
 class ImageViews:
@@ -46,9 +48,9 @@ class ImageViews:
                 self.patches = torch.from_numpy(arrays["patches"].astype(np.float32))
         self._img: Image.Image | None = None
         self._view0: Tensor | None = None
-        self._rendered: Tensor | None = None
+        self._plan: ViewPlan | None = None
         self.dirty = False
-        self.decode_us = self.queue_us = self.encode_us = 0
+        self.decode_us = self.queue_us = self.encode_us = self.render_us = 0
 
     async def _decoded(self) -> tuple[Image.Image, Tensor]:
         if self._img is None:
@@ -77,21 +79,37 @@ class ImageViews:
         """Features [n, D] of views 0..n-1, rendering the views and encoding the missing ones."""
         have = self.feats.shape[0]
         if have < n:
-            if self._rendered is None:
+            loop = asyncio.get_running_loop()
+            if self._plan is None:
                 img, view0 = await self._decoded()
-                loop = asyncio.get_running_loop()
-                self._rendered = await loop.run_in_executor(self.pool, render_views, self.hosted.model, img, view0,
-                                                            self.s)
-            part = self._rendered[have:n]
-            step = self.hosted.batcher.max_batch
-            results = await asyncio.gather(*(self.hosted.batcher.submit(part[i:i + step], self.timeout_s,
-                                                                        keep_rate=self.keep_rate)
-                                             for i in range(0, part.shape[0], step)))
+                self._plan = await loop.run_in_executor(self.pool, view_plan, self.hosted.model, img, view0, self.s)
+            step = min(RENDER_CHUNK, self.hosted.batcher.max_batch)
+            pieces = [(lo, min(lo + step, n)) for lo in range(have, n, step)]
+            submitted: list[asyncio.Future] = []
+            try:
+                rendering = loop.run_in_executor(self.pool, self._render, *pieces[0])
+                for i in range(len(pieces)):
+                    part = await rendering
+                    if i + 1 < len(pieces):
+                        rendering = loop.run_in_executor(self.pool, self._render, *pieces[i + 1])
+                    submitted.append(asyncio.ensure_future(self.hosted.batcher.submit(part, self.timeout_s,
+                                                                                      keep_rate=self.keep_rate)))
+                results = await asyncio.gather(*submitted)
+            finally:
+                for task in submitted:
+                    task.cancel()  # a failed piece: nobody waits for the others
             self.queue_us += max(r.queue_us for r in results)
             self.encode_us += sum(r.encode_us for r in results)
             self.feats = torch.cat([self.feats, *(r.features for r in results)])
             self.dirty = True
         return self.feats[:n]
+
+    def _render(self, lo: int, hi: int) -> Tensor:
+        """Views lo..hi-1 on the CPU (a worker thread), timed."""
+        start = time.perf_counter()
+        views = self._plan.render(lo, hi).cpu()
+        self.render_us += int((time.perf_counter() - start) * 1e6)
+        return views
 
     def entry(self) -> dict[str, np.ndarray]:
         """The cache entry: view 0 in fp32, the augmented views and the patches in fp16."""

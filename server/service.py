@@ -268,6 +268,7 @@ class ClassifierService(pb_grpc.ClassifierServicer):
                             device=str(m.device), precision=m.precision, logit_scale=m.logit_scale,
                             random_init=m.random_init, adaptation=settings_to_proto(m.adapt_defaults),
                             token_compression=_token_compression(m.compressor, m.keep_rate), runtime=m.runtime,
+                            patch_tokens=m.has_patches,
                             kernels=pb.KernelBackends(requested=m.kernels.requested, views=m.kernels.views,
                                                       gs_bias=m.kernels.gs_bias, tokens=m.kernels.tokens,
                                                       notes=list(m.kernels.notes)),

@@ -1,9 +1,12 @@
 """An exported bundle served through onnxruntime beside a torch model: same answers as the edge runner,
-its limits (no text tower) refused with FAILED_PRECONDITION naming the field."""
+GS-Bias with the bundle's patch tokens (a format-1 bundle: global only, said), its limits (no text
+tower) refused with FAILED_PRECONDITION naming the field."""
 from __future__ import annotations
 
 import argparse
 import io
+import json
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +19,7 @@ from conftest import ServerThread, make_image
 from adaptclip.client import Client, flags
 from adaptclip.client.client import classify_request
 from adaptclip.compression.bundle import BundleConfig, build_bundle
-from adaptclip.compression.edge import EdgeModel
+from adaptclip.compression.edge_model import EdgeModel
 from adaptclip.compression.export import QuantConfig
 from adaptclip.compression.spdfq import SynthesisConfig
 from adaptclip.server.app import load_models
@@ -43,10 +46,24 @@ def bundle(tmp_path_factory: pytest.TempPathFactory, hosted: TorchModel) -> Path
 
 
 @pytest.fixture(scope="module")
-def server(bundle: Path, tiny_spec: ModelSpec) -> Iterator[ServerThread]:
+def old_bundle(bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The bundle as format 1 described it: no patch output, no recorded adaptation defaults."""
+    out = tmp_path_factory.mktemp("old") / "bundle"
+    shutil.copytree(bundle, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["format"] = "adaptclip-edge-bundle/1"
+    del manifest["onnx"]["patches"], manifest["adaptation"]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(bundle: Path, old_bundle: Path, tiny_spec: ModelSpec) -> Iterator[ServerThread]:
     cfg = ServerConfig(host="127.0.0.1", port=0, models=[
         tiny_spec, ModelSpec(bundle=str(bundle), name="edge", device="cpu",
-                             adaptation={"crop_scale": [0.5, 1.0], "augmix": False})])
+                             adaptation={"crop_scale": [0.5, 1.0], "augmix": False}),
+        ModelSpec(bundle=str(old_bundle), name="old", device="cpu",  # same views: only the spatial bias differs
+                  adaptation={"crop_scale": [0.5, 1.0], "augmix": False})])
     srv = ServerThread(cfg, load_models(cfg)).start()
     yield srv
     srv.stop()
@@ -58,8 +75,9 @@ def _edge_info(client: Client) -> pb.ModelDescription:
 
 def test_model_info_describes_the_bundle(client: Client) -> None:
     info = client.model_info()
-    torch_model, edge = info.models
-    assert torch_model.runtime == "torch" and not torch_model.bundled_label_sets
+    torch_model, edge, old = info.models
+    assert torch_model.runtime == "torch" and not torch_model.bundled_label_sets and torch_model.patch_tokens
+    assert edge.patch_tokens and not old.patch_tokens
     assert edge.runtime == "onnxruntime:CPUExecutionProvider" and edge.precision == "w8a8"
     assert edge.pretrained == "bundle" and edge.fingerprint.startswith("onnx-") and not edge.token_compression.available
     (ls,) = edge.bundled_label_sets
@@ -80,12 +98,15 @@ def test_zero_shot_equals_the_edge_runner(client: Client, bundle: Path, tmp_path
     assert [s.logit for s in by_id.top] == [s.logit for s in resp.top]
 
 
-def test_gs_bias_runs_global_only_and_is_seeded(client: Client) -> None:
-    def run(seed: int) -> pb.ClassifyResponse:
-        return client.classify(make_image(5), labels=list(LABELS), templates=list(TEMPLATES), model="edge",
+def test_gs_bias_uses_the_patch_tokens_and_is_seeded(client: Client) -> None:
+    def run(seed: int, model: str = "edge") -> pb.ClassifyResponse:
+        return client.classify(make_image(5), labels=list(LABELS), templates=list(TEMPLATES), model=model,
                                adaptation=A(method=A.GS_BIAS, views=8, seed=seed, skip_entropy=0.0))
     a, b = run(1), run(1)
-    assert a.adaptation.global_only and "global bias only" in a.adaptation.note
+    assert not a.adaptation.global_only and a.adaptation.note == ""
+    old = run(1, "old")
+    assert old.adaptation.global_only and "global bias only" in old.adaptation.note
+    assert [s.logit for s in old.top] != [s.logit for s in a.top], "the spatial bias moved the answer"
     assert a.adaptation.views_encoded == 8 and len(a.zero_shot_top) == 5
     assert [s.logit for s in a.top] == [s.logit for s in b.top]
     zero = client.classify(make_image(5), labels=list(LABELS), templates=list(TEMPLATES), model="edge",

@@ -16,7 +16,7 @@ from PIL import Image
 
 from adaptclip.client import cli_edge
 from adaptclip.compression.bundle import BundleConfig, build_bundle
-from adaptclip.compression.edge import EdgeModel, preprocess_image
+from adaptclip.compression.edge_model import EdgeModel, preprocess_image
 from adaptclip.compression.export import QuantConfig, agreement, torch_embeddings
 from adaptclip.compression.spdfq import SynthesisConfig
 from adaptclip.compression.models import TorchModel
@@ -124,3 +124,11 @@ def test_runs_where_torch_cannot_be_imported(tmp_path: Path, bundle: Path, image
     np.testing.assert_allclose([[s["probability"] for s in g["top"]] for g in got],
                                [[s["probability"] for s in w] for w in want], rtol=1e-5)
     assert all(g["model"] == EdgeModel(bundle).name for g in got)
+    # Test-time adaptation too: numpy views, onnxruntime patch tokens, numpy GS-Bias, still no torch.
+    run = subprocess.run([sys.executable, "-m", "adaptclip.compression.edge", "classify", "--bundle", str(bundle),
+                          *map(str, image_files), "--tta", "gs_bias", "--views", "6", "--json"],
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    adapted = [json.loads(x) for x in run.stdout.splitlines()]
+    assert len(adapted) == len(image_files)
+    assert all(a["adaptation"]["views_encoded"] == 6 and not a["adaptation"]["global_only"] for a in adapted)

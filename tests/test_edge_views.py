@@ -15,7 +15,7 @@ from PIL import Image, ImageOps
 
 from adaptclip.adapt.views import _crop_boxes as torch_crop_boxes
 from adaptclip.compression import edge_views
-from adaptclip.compression.edge import preprocess_image
+from adaptclip.compression.edge_model import preprocess_image
 from adaptclip.compression.edge_views import OP_NAMES, ViewParams, ViewRenderer, crop_boxes, resized_crops
 
 MEAN = (0.48145466, 0.4578275, 0.40821073)

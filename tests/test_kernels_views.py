@@ -98,4 +98,6 @@ def test_reference_equals_view_generator(mode: str) -> None:
               for i, image in enumerate(images)]
     ref = render_batch_torch(images, [p.boxes for p in params], torch.stack([p.flip for p in params]),
                              size, MEAN, STD, mode)
-    assert torch.equal(views[:, 1:], ref)
+    # ViewGenerator resizes all crops in batched banded matmuls (adapt/resample.py), the reference per
+    # view with F.interpolate: the same filter, summed in another order (float32 rounding, normalised units).
+    torch.testing.assert_close(views[:, 1:], ref, rtol=0, atol=2e-5)

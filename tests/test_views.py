@@ -175,3 +175,34 @@ def test_flipped_views_are_mirror_images_of_their_crops():
                              align_corners=False, antialias=True).clamp(0, 1)[0]
         want = crop.flip(-1) if params.flip[v] else crop
         torch.testing.assert_close(views[v], want)
+
+
+@pytest.mark.parametrize("mode", ["bilinear", "bicubic"])
+def test_batched_crops_equal_one_interpolate_per_view(mode):
+    """All crops of an image in two batched matmuls = F.interpolate(antialias=True) per view, for down-
+    and upscaled crops, thin ones, the whole image and a single pixel."""
+    from adaptclip.adapt.views import resized_crops
+
+    image = torch.rand(3, 70, 53, generator=torch.Generator().manual_seed(3))
+    boxes = [(0, 0, 70, 53), (5, 9, 40, 30), (60, 40, 10, 13), (0, 50, 70, 3), (33, 21, 1, 1), (2, 2, 20, 51)]
+    for size in (8, 32, 47):
+        want = torch.cat([F.interpolate(image[None, :, t:t + h, l:l + w], size=(size, size), mode=mode,
+                                        align_corners=False, antialias=True) for t, l, h, w in boxes]).clamp(0, 1)
+        torch.testing.assert_close(resized_crops(image, boxes, size, mode), want, rtol=0, atol=5e-6)
+    assert resized_crops(image, [], 8).shape == (0, 3, 8, 8)
+
+
+@pytest.mark.parametrize("augmix", [False, True])
+def test_a_plan_renders_any_split_of_the_views_as_one_call(augmix):
+    """Draws made apart from the transform: views rendered chunk by chunk (as the server overlaps them
+    with encoding) equal the same seed's views rendered at once."""
+    gen = ViewGenerator(SIZE, MEAN, STD, augmix=augmix)
+    image, base = _images()[0], _base(1)
+    whole = gen([image], base, n_views=11, seed=5)[0]
+    plan = gen.plan(image, base[0], 11, seed=5)
+    assert len(plan) == 11
+    pieces = torch.cat([plan.render(0, 1), plan.render(1, 4), plan.render(4, 4), plan.render(4, 11)])
+    torch.testing.assert_close(pieces, whole, rtol=0, atol=1e-6)
+    assert torch.equal(plan.render(0, 1)[0], base[0])
+    with pytest.raises(ValueError, match="outside"):
+        plan.render(3, 12)

@@ -1,0 +1,230 @@
+"""Test-time adaptation on the edge (INT8 bundle, numpy + onnxruntime) against the fp32 torch service path.
+
+One run, two parts:
+
+  accuracy  CIFAR-10 test, `--per-class` images per class under every shift of adapt.shifts (clean +
+            SUITE): edge zero-shot, edge GS-Bias (the W8A8 bundle, compression/edge_tta.py) and torch
+            GS-Bias (fp32, the served loop), all with the bundle's recorded adaptation
+            block (examples/cifar-clip.yaml's: gate, chunks, crops). Image i is corrupted and its views
+            drawn with seed + i on both paths (different RNGs: numpy on the edge, torch there).
+  cost      per image at --views V (default 32 and 64), GS-Bias over all V views (no gate, no early
+            stop): render, encode, adapt and the wall time of the whole path (rendering overlapped
+            with encoding on both), against "the encoder over its views" (view 0 with patches + the
+            V - 1 views, encoded alone in the same pieces). Torch = the server's ImageViews +
+            classify_image with a real batcher; edge = EdgeAdapter.classify. Models: the CIFAR model
+            (its bundle) and ViT-B-32 random init (its bundle), with the bundle's crops / AugMix.
+
+    .venv/bin/python bench/edge_tta.py --cifar-bundle B --cifar-model JSON --cifar-pretrained PT \\
+        --b32-bundle B32 --per-class 40 --out bench/results/edge_tta.json
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import concurrent.futures
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from adaptclip.adapt.data import decode_shifted, load_folder
+from adaptclip.adapt.methods import adapt_views
+from adaptclip.adapt.shifts import SHIFT_NAMES, get_shift
+from adaptclip.adapt.views import render_views
+from adaptclip.compression.edge_model import EdgeModel
+from adaptclip.compression.edge_tta import EdgeAdapter, edge_settings
+from adaptclip.compression.models import ModelSpec, load_model
+from adaptclip.server.config import BatchingConfig
+from adaptclip.server.hosting import Hosted
+from adaptclip.server.pipeline import RENDER_CHUNK, ImageViews, classify_image
+
+
+def accuracy(args: argparse.Namespace, edge: EdgeModel, hosted, log) -> dict:
+    labels, weights = edge.label_set()
+    base, ignored = edge_settings(edge.adaptation)
+    data = load_folder(args.data, classes=labels, limit_per_class=args.per_class, seed=0)
+    classifier = torch.from_numpy(weights.copy())
+    shifts = tuple(get_shift(name) for name in SHIFT_NAMES)
+    log(f"accuracy: {len(data.paths)} images x {len(shifts)} shifts, settings {base}")
+    out: dict = {"images_per_shift": len(data.paths), "settings": str(base), "ignored": ignored, "shifts": {}}
+    pool = concurrent.futures.ThreadPoolExecutor(2)
+    seconds = {"torch": 0.0, "edge": 0.0}
+    with EdgeAdapter(edge, base) as adapter:
+        for shift in shifts:
+            hits = dict.fromkeys(("edge_zero_shot", "edge_gs_bias", "torch_zero_shot", "torch_gs_bias"), 0)
+            views = {"edge": 0, "torch": 0}
+            for i, (path, label) in enumerate(zip(data.paths, data.labels)):
+                img = decode_shifted(path, shift, base.seed + i)
+                start = time.perf_counter()
+                answer = adapter.classify(img, seed=base.seed + i)
+                seconds["edge"] += time.perf_counter() - start
+                hits["edge_gs_bias"] += int(np.argmax(answer.logits) == label)
+                hits["edge_zero_shot"] += int(np.argmax(answer.zero_shot) == label)
+                views["edge"] += answer.report["views_encoded"]
+                start = time.perf_counter()
+                (row,) = _torch_path(hosted, [img], base.replace(seed=base.seed + i), classifier, pool, timed=False)
+                seconds["torch"] += time.perf_counter() - start
+                hits["torch_gs_bias"] += int(row["top1"] == label)
+                hits["torch_zero_shot"] += int(row["zero_shot_top1"] == label)
+                views["torch"] += row["views_encoded"]
+                if args.reseed:  # the same torch path with other views: how much the view draws alone move it
+                    (other,) = _torch_path(hosted, [img], base.replace(seed=base.seed + i + args.reseed), classifier,
+                                           pool, timed=False)
+                    hits["torch_gs_bias_reseeded"] = hits.get("torch_gs_bias_reseeded", 0) + int(other["top1"] == label)
+            n = len(data.paths)
+            out["shifts"][shift.name] = {**{k: 100 * v / n for k, v in hits.items()},
+                                         **{f"{k}_views_mean": v / n for k, v in views.items()}}
+            log(f"  {shift.name}: {json.dumps(out['shifts'][shift.name])}")
+    pool.shutdown()
+    out["seconds"] = {k: round(v, 1) for k, v in seconds.items()}
+    rows = out["shifts"].values()
+    out["mean"] = {k: statistics.mean(r[k] for r in rows) for k in hits}
+    out["edge_minus_torch_gs_bias"] = out["mean"]["edge_gs_bias"] - out["mean"]["torch_gs_bias"]
+    return out
+
+
+def _torch_path(hosted_model, images, s, classifier, pool, timed: bool = True) -> list[dict]:
+    """The server's view path per image: ImageViews (rendering overlapped with the batcher) + the loop
+    (gate, chunks, early stop as set); `timed` adds the stage times and the encoder alone."""
+    async def main() -> list[dict]:
+        hosted = Hosted(hosted_model)
+        hosted.start(BatchingConfig(max_batch_size=64))
+        rows = []
+        try:
+            for img in images:
+                view0 = hosted_model.preprocess(img)
+
+                async def decode(img=img, view0=view0):
+                    return img, view0
+
+                views = ImageViews(hosted, s, decode, None, pool)
+                start = time.perf_counter()
+                out = await classify_image(hosted, views, classifier, (), s, pool)
+                wall = time.perf_counter() - start
+                logits = out.zero_shot if out.result is None else out.result.logits
+                row = {"top1": int(logits.argmax()), "zero_shot_top1": int(out.zero_shot.argmax()),
+                       "views_encoded": out.report.views_encoded}
+                if not timed:
+                    rows.append(row)
+                    continue
+                t0 = time.perf_counter()
+                adapt_views(s, views.feats, views.patches, classifier, hosted_model.logit_scale)
+                adapt = time.perf_counter() - t0
+                assert out.report.views_encoded == s.views
+                rows.append({"wall_ms": 1000 * wall, "render_ms": views.render_us / 1000,
+                             "encode_ms": views.encode_us / 1000, "adapt_ms": 1000 * adapt,
+                             "encoder_only_ms": _torch_encoder_ms(hosted_model, img, view0, s)})
+        finally:
+            await hosted.close()
+        return rows
+    return asyncio.run(main())
+
+
+@torch.inference_mode()
+def _torch_encoder_ms(model, img, view0, s) -> float:
+    """The encoder over the image's views alone, in the pieces the pipeline sends."""
+    views = render_views(model, img, view0, s)
+    start = time.perf_counter()
+    model.encode_images(views[:1], with_patches=True)
+    for lo in range(1, s.views, RENDER_CHUNK):
+        model.encode_images(views[lo:lo + RENDER_CHUNK])
+    return 1000 * (time.perf_counter() - start)
+
+
+def _edge_path(edge: EdgeModel, images, s) -> list[dict]:
+    rows = []
+    with EdgeAdapter(edge, s) as adapter:
+        for img in images:
+            answer = adapter.classify(img)
+            assert answer.report["views_encoded"] == s.views and not answer.report["global_only"]
+            views = adapter.renderer(img, s.views, seed=s.seed)
+            start = time.perf_counter()
+            edge.encode(views[:1], with_patches=True)
+            for lo in range(1, s.views, adapter.render_chunk):
+                edge.encode(views[lo:lo + adapter.render_chunk])
+            t = answer.timings_ms
+            rows.append({"wall_ms": t["total_ms"], "render_ms": t["render_ms"], "encode_ms": t["encode_ms"],
+                         "adapt_ms": t["adapt_ms"], "encoder_only_ms": 1000 * (time.perf_counter() - start)})
+    return rows
+
+
+def _summary(rows: list[dict]) -> dict:
+    """Medians per stage, and the median of each image's wall / encoder (the two measured back to back)."""
+    out = {k: round(statistics.median(r[k] for r in rows), 3) for k in rows[0]}
+    out["wall_over_encoder"] = round(statistics.median(r["wall_ms"] / r["encoder_only_ms"] for r in rows), 3)
+    return out
+
+
+def cost(name: str, edge: EdgeModel, hosted, images, views_list, log) -> dict:
+    base, _ = edge_settings(edge.adaptation)
+    _, weights = edge.label_set()
+    classifier = torch.from_numpy(weights.copy())
+    pool = concurrent.futures.ThreadPoolExecutor(2)
+    out = {}
+    for n_views in views_list:
+        s = base.replace(method="gs_bias", views=n_views, skip_entropy=0.0, view_chunk=0)
+        _edge_path(edge, images[:1], s), _torch_path(hosted, images[:1], s, classifier, pool)  # warm-up
+        edge_rows, torch_rows = [], []
+        for img in images:  # interleaved, so both paths see the same machine load
+            edge_rows += _edge_path(edge, [img], s)
+            torch_rows += _torch_path(hosted, [img], s, classifier, pool)
+        e, t = _summary(edge_rows), _summary(torch_rows)
+        speedup = statistics.median(tr["wall_ms"] / er["wall_ms"] for tr, er in zip(torch_rows, edge_rows))
+        out[str(n_views)] = {"edge_int8": e, "torch_fp32": t, "torch_over_edge_wall": round(speedup, 3),
+                             "settings": {"crop_scale": s.crop_scale, "augmix": s.augmix}}
+        log(f"cost {name} V={n_views}: {json.dumps(out[str(n_views)])}")
+    pool.shutdown()
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--cifar-bundle", required=True)
+    p.add_argument("--cifar-model", required=True)
+    p.add_argument("--cifar-pretrained", required=True)
+    p.add_argument("--b32-bundle", required=True, help="ViT-B-32 random-init bundle (cost only: its weights need not be the torch ones)")
+    p.add_argument("--data", default="/tmp/data/test")
+    p.add_argument("--per-class", type=int, default=40)
+    p.add_argument("--cost-images", type=int, default=8)
+    p.add_argument("--views", default="32,64")
+    p.add_argument("--skip-accuracy", action="store_true")
+    p.add_argument("--skip-cost", action="store_true")
+    p.add_argument("--reseed", type=int, default=0,
+                   help="also run torch GS-Bias with views drawn from seed + i + RESEED (a noise control)")
+    p.add_argument("--threads", type=int, default=2, help="torch and onnxruntime intra-op threads, both")
+    p.add_argument("--out", required=True)
+    args = p.parse_args()
+    started = time.perf_counter()
+    torch.set_num_threads(args.threads)
+
+    def log(msg: str) -> None:
+        print(f"[{time.perf_counter() - started:7.1f} s] {msg}", flush=True)
+
+    result: dict = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": torch.get_num_threads(),
+                                "note": "shared 2-core machine, other benchmarks running"}, "command": vars(args)}
+    cifar_edge = EdgeModel(args.cifar_bundle, ["CPUExecutionProvider"], args.threads)
+    cifar = load_model(ModelSpec(model=args.cifar_model, pretrained=args.cifar_pretrained, device="cpu"))
+    if not args.skip_accuracy:
+        result["accuracy"] = accuracy(args, cifar_edge, cifar, log)
+        Path(args.out).write_text(json.dumps(result, indent=1, default=str))  # kept if the cost part dies
+    if args.skip_cost:
+        return
+    data = load_folder(args.data, classes=cifar_edge.label_set()[0], limit_per_class=1, seed=1)
+    images = [decode_shifted(path, get_shift("clean"), 0) for path in data.paths[:args.cost_images]]
+    views_list = [int(v) for v in args.views.split(",")]
+    result["cost"] = {"cifar": cost("cifar", cifar_edge, cifar, images, views_list, log)}
+    b32_edge = EdgeModel(args.b32_bundle, ["CPUExecutionProvider"], args.threads)
+    torch.manual_seed(0)
+    b32 = load_model(ModelSpec(model="ViT-B-32", device="cpu", random_init=True))
+    big = [img.resize((256, 256)) for img in images]  # CIFAR's 32 px upscaled: 224-px views need that much
+    result["cost"]["vit_b_32"] = cost("vit_b_32", b32_edge, b32, big, views_list, log)
+    Path(args.out).write_text(json.dumps(result, indent=1, default=str))
+    log(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
