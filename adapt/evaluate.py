@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -123,9 +123,10 @@ class Run:
         self.encoded += images.shape[0]
         return feats, patches
 
-    def shift(self, shift: Shift) -> list[ImageRun]:
-        runs: list[ImageRun] = []
-        n, step, started = len(self.data.paths), self.plan.batch_images, time.perf_counter()
+    def features(self, shift: Shift) -> Iterator[tuple[int, Precomputed, float]]:
+        """(image index, its encoded views, view rendering ms) for every image under `shift`, encoded
+        `batch_images` images at a time (tune reads these directly)."""
+        n, step = len(self.data.paths), self.plan.batch_images
         for lo in range(0, n, step):
             index = range(lo, min(n, lo + step))
             pils = [decode_shifted(self.data.paths[i], shift, self.base.seed + i) for i in index]
@@ -142,9 +143,15 @@ class Run:
             per = self.base.views - 1
             for j, i in enumerate(index):
                 feats = feats0[j:j + 1] if extra is None else torch.cat([feats0[j:j + 1], extra[j * per:(j + 1) * per]])
-                source = Precomputed(feats, None if patches is None else patches[j])
-                runs.append(asyncio.run(self._image(i, source, render_ms[j])))
-            self.progress(f"{shift.name}: {len(runs)}/{n} images, {time.perf_counter() - started:.0f} s")
+                yield i, Precomputed(feats, None if patches is None else patches[j]), render_ms[j]
+
+    def shift(self, shift: Shift) -> list[ImageRun]:
+        runs: list[ImageRun] = []
+        n, started = len(self.data.paths), time.perf_counter()
+        for i, source, render_ms in self.features(shift):
+            runs.append(asyncio.run(self._image(i, source, render_ms)))
+            if len(runs) % self.plan.batch_images == 0 or len(runs) == n:
+                self.progress(f"{shift.name}: {len(runs)}/{n} images, {time.perf_counter() - started:.0f} s")
         return runs
 
     async def _image(self, index: int, source: Precomputed, render_ms: float) -> ImageRun:

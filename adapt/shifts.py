@@ -28,6 +28,7 @@ corruption, whatever ran before.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -41,7 +42,9 @@ from torch import Tensor
 # The benchmark suite: one strength per shift (see the table above).
 SUITE: dict[str, float] = {"gaussian_noise": 0.08, "gaussian_blur": 1.5, "low_contrast": 0.4, "jpeg": 10.0,
                            "pixelate": 0.5}
-SHIFT_NAMES = ("clean", *SUITE)
+HELD_OUT: dict[str, float] = {"motion_blur": 7.0, "defocus_blur": 2.5, "shot_noise": 40.0, "impulse_noise": 0.05,
+                               "brightness": 0.3, "saturate": 3.0, "fog": 0.4, "elastic": 3.0, "dark": 2.5}
+SHIFT_NAMES = ("clean", *SUITE, *HELD_OUT)
 
 
 def _noise(x: Tensor, std: float, seed: int) -> Tensor:
@@ -72,9 +75,74 @@ def _pixelate(x: Tensor, factor: float, seed: int) -> Tensor:
     return KT.resize(small, (height, width), interpolation="nearest")[0]
 
 
+# Held-out families (HELD_OUT): never seen by `adaptclip tune`, reported on. Sizes scale with the
+# short side as the blur above does, so a shift does the same to any image once resized to 32 px.
+def _scale(x: Tensor) -> float:
+    return min(x.shape[-2:]) / 32.0
+
+
+def _seeded(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _motion_blur(x: Tensor, length: float, seed: int) -> Tensor:
+    size = max(3, int(length * _scale(x)) | 1)
+    angle = float(torch.rand((), generator=_seeded(seed)) * 180.0)
+    return KF.motion_blur(x[None], size, angle, 0.0, border_type="reflect")[0].clamp(0.0, 1.0)
+
+
+def _defocus_blur(x: Tensor, radius: float, seed: int) -> Tensor:
+    r = radius * _scale(x)
+    half = math.ceil(r)
+    yy, xx = torch.meshgrid(torch.arange(-half, half + 1), torch.arange(-half, half + 1), indexing="ij")
+    disk = ((yy ** 2 + xx ** 2) <= r * r + 1e-6).to(x.dtype)
+    return KF.filter2d(x[None], (disk / disk.sum())[None], border_type="reflect")[0].clamp(0.0, 1.0)
+
+
+def _shot_noise(x: Tensor, photons: float, seed: int) -> Tensor:
+    return (torch.poisson(x * photons, generator=_seeded(seed)) / photons).clamp(0.0, 1.0)
+
+
+def _impulse_noise(x: Tensor, amount: float, seed: int) -> Tensor:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        aug = KA.RandomSaltAndPepperNoise(amount=(amount, amount), salt_vs_pepper=(0.5, 0.5), p=1.0)
+        return aug(x[None])[0].clamp(0.0, 1.0)
+
+
+def _brightness(x: Tensor, shift: float, seed: int) -> Tensor:
+    return KE.adjust_brightness(x, shift).clamp(0.0, 1.0)
+
+
+def _saturate(x: Tensor, factor: float, seed: int) -> Tensor:
+    return KE.adjust_saturation(x, factor).clamp(0.0, 1.0)
+
+
+def _fog(x: Tensor, intensity: float, seed: int) -> Tensor:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        aug = KA.RandomPlasmaBrightness(roughness=(0.5, 0.5), intensity=(intensity, intensity), p=1.0)
+        return aug(x[None])[0].clamp(0.0, 1.0)
+
+
+def _elastic(x: Tensor, alpha: float, seed: int) -> Tensor:
+    k = max(3, int(15 * _scale(x)) | 1)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        aug = KA.RandomElasticTransform(kernel_size=(k, k), sigma=(4.0 * _scale(x),) * 2, alpha=(alpha, alpha),
+                                        padding_mode="reflection", p=1.0)
+        return aug(x[None])[0].clamp(0.0, 1.0)
+
+
+def _dark(x: Tensor, gamma: float, seed: int) -> Tensor:
+    return KE.adjust_gamma(x, gamma).clamp(0.0, 1.0)
+
+
 _FUNCS: dict[str, Callable[[Tensor, float, int], Tensor]] = {
     "gaussian_noise": _noise, "gaussian_blur": _blur, "low_contrast": _contrast, "jpeg": _jpeg,
-    "pixelate": _pixelate,
+    "pixelate": _pixelate, "motion_blur": _motion_blur, "defocus_blur": _defocus_blur, "shot_noise": _shot_noise,
+    "impulse_noise": _impulse_noise, "brightness": _brightness, "saturate": _saturate, "fog": _fog,
+    "elastic": _elastic, "dark": _dark,
 }
 
 
@@ -100,4 +168,4 @@ def get_shift(name: str, parameter: float | None = None) -> Shift:
         raise ValueError(f"unknown shift {name!r}; one of {', '.join(SHIFT_NAMES)}")
     if name == "clean":
         return Shift(name, None)
-    return Shift(name, float(SUITE[name] if parameter is None else parameter))
+    return Shift(name, float({**SUITE, **HELD_OUT}[name] if parameter is None else parameter))

@@ -239,7 +239,7 @@ def render_views(model: EncoderModel, img: Image.Image, view0: Tensor, s: AdaptS
     if short > MAX_VIEW_SIDE * size:
         factor = MAX_VIEW_SIDE * size / short
         img = img.resize((round(img.width * factor), round(img.height * factor)), Image.BICUBIC)
-    gen = _generator(size, model.mean, model.std, s.crop_scale, s.augmix, model.kernels.views)
+    gen = _generator(size, model.mean, model.std, s.crop_scale, s.use_augmix, model.kernels.views)
     return gen([TF.to_tensor(img)], view0.unsqueeze(0).to(model.device), s.views, seed=s.seed)[0].cpu()
 
 

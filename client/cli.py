@@ -136,10 +136,11 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _serve_parser(sub)
     _classify_parser(sub)
-    from adaptclip.client import cli_edge, cli_eval, cli_label, cli_quantize
+    from adaptclip.client import cli_edge, cli_eval, cli_label, cli_quantize, cli_tune
 
     commands = {"serve": cmd_serve, "classify": cmd_classify}
-    for module, name in ((cli_label, "label"), (cli_eval, "eval"), (cli_quantize, "quantize"), (cli_edge, "edge")):
+    for module, name in ((cli_label, "label"), (cli_eval, "eval"), (cli_quantize, "quantize"), (cli_edge, "edge"),
+                         (cli_tune, "tune")):
         module.add_parser(sub)
         commands[name] = module.run
     args = parser.parse_args(argv)
