@@ -69,12 +69,14 @@ class EvalPlan:
 
 @dataclass
 class Scored:
-    """One image under one setting: ranked classes, views encoded, whether the gate skipped, method time."""
+    """One image under one setting: ranked classes, views encoded, whether the confidence gate skipped the
+    views or the safety gate fell back to zero-shot, method time."""
 
     top: list[int]
     views: int
     skipped: bool
     method_ms: float
+    fell_back: bool = False
 
 
 @dataclass
@@ -175,7 +177,9 @@ class Run:
             if run is None:
                 run = ImageRun(self.data.labels[index], ranked_classes(out.zero_shot), render_ms)
             if out.result is None:
-                run.scored[s] = Scored(run.zero_shot, 1, out.report.skipped, 0.0)
+                ran = memo.get((s.method, out.report.views_encoded))
+                run.scored[s] = Scored(run.zero_shot, out.report.views_encoded, out.report.skipped,
+                                       ran[1] if ran and out.report.fell_back else 0.0, out.report.fell_back)
                 continue
             res = out.result
             top = ranked_classes(res.probs, tie_break=res.logits) if s.method == "zero" else ranked_classes(res.logits)
@@ -190,7 +194,8 @@ def _record(run: Run, shift: Shift, s: AdaptSettings, images: list[ImageRun], me
     n = len(images)
     per_view = run.ms_per_view
     cost = {"views_encoded": sum(sc.views for sc in scored) / n,
-            "skipped_fraction": sum(sc.skipped for sc in scored) / n, "encoder_ms_per_view": per_view,
+            "skipped_fraction": sum(sc.skipped for sc in scored) / n,
+            "fell_back_fraction": sum(sc.fell_back for sc in scored) / n, "encoder_ms_per_view": per_view,
             "render_ms": sum(img.render_ms for img, _ in adapted) / n,
             "method_ms": sum(sc.method_ms for _, sc in adapted) / n}
     cost["per_image_ms"] = per_view * cost["views_encoded"] + cost["render_ms"] + cost["method_ms"]

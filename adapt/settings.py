@@ -113,6 +113,24 @@ class AdaptSettings:
         return self
 
 
+SMALL_INPUT = 128  # px: below it AugMix's ops (posterize, shear, solarize...) erase what little there is
+
+
+def untuned_defaults(image_size: int) -> AdaptSettings:
+    """What a model without a tuned `adaptation:` block adapts with (`adaptclip tune` writes one).
+
+    The official views are ImageNet's at 224 px: crops down to 8 % of the area and AugMix. A crop of a
+    small input keeps far fewer pixels, so the smallest crop scales with the input (8 % x 224 / side,
+    at most 90 %: 56 % at 32 px), and small inputs get no AugMix. The safety gate is on: an image whose
+    views are clearly less certain than the original (mean normalised entropy up by more than 0.1)
+    answers zero-shot, which is what protects a tower that never saw crops.
+    """
+    side = max(1, int(image_size))
+    low = round(min(0.9, max(0.08, 0.08 * 224 / side)), 2)
+    return AdaptSettings(crop_scale=(low, 1.0), augmix=False if side < SMALL_INPUT else None,
+                         gate_entropy_rise=0.1)
+
+
 def settings_from_dict(data: dict[str, Any], base: AdaptSettings | None = None) -> AdaptSettings:
     """Per-model overrides from the server config (`adaptation:` in a model entry)."""
     base = base or AdaptSettings()

@@ -38,7 +38,7 @@ from adaptclip.adapt.loop import (
 )
 from adaptclip.adapt.methods import adapt_views
 from adaptclip.adapt.selection import normalized_entropy
-from adaptclip.adapt.settings import AdaptSettings
+from adaptclip.adapt.settings import SMALL_INPUT, AdaptSettings, untuned_defaults
 from adaptclip.adapt.shifts import SUITE, get_shift
 from torch import Tensor
 
@@ -51,7 +51,7 @@ class TunePlan:
     """The search space and the rule's bounds."""
 
     view_configs: tuple[ViewConfig, ...]
-    views: tuple[int, ...] = (16, 32, 64)
+    views: tuple[int, ...] = (8, 16, 32)
     methods: tuple[str, ...] = ("gs_bias", "zero")
     ratios: tuple[float, ...] = (0.1, 0.3)
     step_sizes: tuple[tuple[float, float], ...] = ((10.0, 1.0), (10.0, 0.0))  # GS-Bias (alpha, beta): official, global only
@@ -104,16 +104,19 @@ class Pick:
         return sum(self.gains.values()) / len(self.gains)
 
 
-def split(data: Dataset, held_out: float, seed: int) -> tuple[list[int], list[int]]:
-    """Image indices of the tune and held-out parts: a seeded share of each class held out."""
-    tune, check = [], []
+def rounds(data: Dataset, seed: int) -> list[list[int]]:
+    """Image indices in rounds of one image per class (seeded order within each class), so that a run
+    stopped after any round has used every class equally; every third round is held out."""
+    per_class = []
     for label in sorted(set(data.labels)):
         idx = [i for i, y in enumerate(data.labels) if y == label]
-        random.Random(f"{seed}:split:{label}").shuffle(idx)
-        k = round(len(idx) * held_out) if len(idx) > 1 else 0
-        check += sorted(idx[:k])
-        tune += sorted(idx[k:])
-    return sorted(tune), sorted(check)
+        random.Random(f"{seed}:tune:{label}").shuffle(idx)
+        per_class.append(idx)
+    return [[idx[r] for idx in per_class if r < len(idx)] for r in range(max(map(len, per_class)))]
+
+
+def is_held_out(round_index: int) -> bool:
+    return round_index % 3 == 2
 
 
 def encode(model: EncoderModel, data: Dataset, classifier: Tensor, base: AdaptSettings, config: ViewConfig,
@@ -233,10 +236,12 @@ def timed(fn: Callable[[], object]) -> tuple[object, float]:
 
 
 def default_view_configs(image_size: int) -> tuple[ViewConfig, ...]:
-    """The view settings searched: the official ImageNet ones (crop 0.08-1 + AugMix) and milder crops
-    without AugMix, whose smallest crop keeps more of a small input (crops of 32 px images lose the object)."""
-    mild = min(0.9, max(0.08, 0.08 * 224 / max(1, image_size)))
-    return (((0.08, 1.0), True), ((round(mild, 2), 1.0), False), ((0.9, 1.0), False))
+    """The view settings searched: the input-scaled mild crops of the untuned defaults and near-whole
+    crops (0.9-1, for towers that never saw crops), without AugMix; inputs of SMALL_INPUT px and more
+    also try the official ImageNet views (crop 0.08-1 + AugMix), which erase a small input."""
+    mild = untuned_defaults(image_size).crop_scale
+    configs: tuple[ViewConfig, ...] = ((mild, False), ((0.9, 1.0), False))
+    return configs + ((((0.08, 1.0), True),) if image_size >= SMALL_INPUT else ())
 
 
 @dataclass
@@ -252,35 +257,30 @@ class TuneResult:
 
 
 def tune(model: EncoderModel, data: Dataset, classifier: Tensor, plan: TunePlan, *, minutes: float, seed: int = 0,
-         progress: Callable[[str, int, int], None] | None = None) -> TuneResult:
-    """Encode, score and pick within `minutes`: the number of images per class is set from the encoder's
-    measured speed so that encoding takes about 60 % of the budget. progress(stage, done, total)."""
+         per_class: int | None = None, progress: Callable[[str, int, int], None] | None = None) -> TuneResult:
+    """Encode, score and pick within `minutes`: images are encoded in rounds of one per class, every view
+    setting and shift each, until 60 % of the budget is spent (at least 3 rounds, so both parts have
+    images) or `per_class` rounds are done (a fixed count makes the result independent of the machine's
+    speed). progress(stage, done, total)."""
     started = time.perf_counter()
     report = progress or (lambda stage, done, total: None)
     base = model.adapt_defaults.replace(views=max(plan.views), seed=seed)
-    probe = subsample(data, 1, seed)
-    probe = Dataset(probe.name, probe.classes, probe.paths[:1], probe.labels[:1])
-    _, probe_s = timed(lambda: [encode(model, probe, classifier, base, config, "clean", lambda n: None)
-                                for config in plan.view_configs])
-    per_image_s = probe_s * len(TUNE_SHIFTS)  # render + encode of every view setting and shift
-    ms_per_view = 1000.0 * probe_s / (len(plan.view_configs) * max(plan.views))
-    budget_images = int(0.6 * minutes * 60.0 / per_image_s)
-    per_class = max(2, budget_images // max(1, len(data.classes)))
-    per_image_views = len(plan.view_configs) * len(TUNE_SHIFTS) * max(plan.views)
-    data = subsample(data, per_class, seed)
-    tune_idx, check_idx = split(data, plan.held_out, seed)
-    total = len(data.paths) * per_image_views
-    done = 0
-    features: dict[tuple[ViewConfig, str], list[ImageFeatures]] = {}
-
-    def step(n: int) -> None:
-        nonlocal done
-        done += n
-        report("encode", done, total)
-
-    for config in plan.view_configs:
-        for shift in TUNE_SHIFTS:
-            features[(config, shift)] = encode(model, data, classifier, base, config, shift, step)
+    order = rounds(data, seed)[:per_class]
+    features: dict[tuple[ViewConfig, str], list[ImageFeatures]] = {k: [] for k in itertools.product(
+        plan.view_configs, TUNE_SHIFTS)}
+    tune_idx: list[int] = []
+    check_idx: list[int] = []
+    for r, index in enumerate(order):
+        if per_class is None and r >= 3 and time.perf_counter() - started > 0.6 * minutes * 60.0:
+            break
+        part = Dataset(data.name, data.classes, tuple(data.paths[i] for i in index), tuple(data.labels[i] for i in index))
+        first = len(features[next(iter(features))])
+        for key in features:
+            features[key] += encode(model, part, classifier, base, key[0], key[1], lambda n: None)
+        (check_idx if is_held_out(r) else tune_idx).extend(range(first, first + len(index)))
+        report("encode", r + 1, len(order))
+    encode_s = time.perf_counter() - started
+    views = sum(len(v) for v in features.values()) * max(plan.views)
     candidates = plan.method_settings(base)
     scores = {}
     for i, (key, feats) in enumerate(features.items()):
@@ -290,21 +290,11 @@ def tune(model: EncoderModel, data: Dataset, classifier: Tensor, plan: TunePlan,
     ranked = pick(scores, plan, TUNE_SHIFTS)
     best = ranked[0] if ranked else None
     checked = None
-    if best is not None:
+    if best is not None and check_idx:
         config = (best.settings.crop_scale, best.settings.augmix)
         held = {shift: [features[(config, shift)][j] for j in check_idx] for shift in TUNE_SHIFTS}
-        checked = check(model, held, classifier, best.settings) if check_idx else None
+        checked = check(model, held, classifier, best.settings)
     accepted = best is not None and (checked is None or passes(checked, plan))
     chosen = best.settings if accepted else model.adapt_defaults.replace(method="none")
-    return TuneResult(chosen, best, checked, accepted, (len(tune_idx), len(check_idx)), ms_per_view,
+    return TuneResult(chosen, best, checked, accepted, (len(tune_idx), len(check_idx)), 1000.0 * encode_s / max(1, views),
                       time.perf_counter() - started, len(candidates) * len(gate_grid(plan)))
-
-
-def subsample(data: Dataset, per_class: int, seed: int) -> Dataset:
-    """At most `per_class` seeded images of each class."""
-    keep: list[int] = []
-    for label in sorted(set(data.labels)):
-        idx = [i for i, y in enumerate(data.labels) if y == label]
-        keep += sorted(random.Random(f"{seed}:tune:{label}").sample(idx, min(per_class, len(idx))))
-    keep.sort()
-    return Dataset(data.name, data.classes, tuple(data.paths[i] for i in keep), tuple(data.labels[i] for i in keep))

@@ -36,8 +36,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--name", help="served model name in the written config")
     flags.add_label_flags(p, required=False, what="class folder names in label order (default: sorted folder names)")
     p.add_argument("--minutes", type=float, default=20.0, help="time budget; sets how many images are used (default 20)")
-    p.add_argument("--seed", type=int, default=0, help="image sample, split and views (same seed, same file)")
-    p.add_argument("--views", type=_ints, default=[16, 32, 64], help="view counts tried, comma list (default 16,32,64)")
+    p.add_argument("--seed", type=int, default=0, help="image order, split and views (same seed and images, same file)")
+    p.add_argument("--per-class", type=int, help="images per class to use (default: as many as --minutes allows); "
+                                                 "fixed, the result does not depend on the machine's speed")
+    p.add_argument("--views", type=_ints, default=[8, 16, 32], help="view counts tried, comma list (default 8,16,32)")
     p.add_argument("--max-views", type=float, default=64.0, help="cost bound: mean views encoded per image")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("-o", "--output", required=True, help="server config YAML to write")
@@ -83,11 +85,12 @@ def run(args: argparse.Namespace) -> int:
     bars: dict[str, Any] = {}
 
     def progress(stage: str, done: int, total: int) -> None:
-        bar = bars.get(stage) or bars.setdefault(stage, tqdm(total=total, desc=stage, unit=" views" if stage == "encode"
-                                                                else " parts", file=sys.stderr))
+        bar = bars.get(stage) or bars.setdefault(stage, tqdm(total=total, desc=stage, file=sys.stderr,
+                                                             unit=" rounds" if stage == "encode" else " parts"))
         bar.update(done - bar.n)
 
-    result = tune(model, data, classifier, plan, minutes=args.minutes, seed=args.seed, progress=progress)
+    result = tune(model, data, classifier, plan, minutes=args.minutes, seed=args.seed, per_class=args.per_class,
+                  progress=progress)
     for bar in bars.values():
         bar.close()
     entry = model_entry(spec, args.name, result.chosen)
@@ -125,6 +128,7 @@ def record(result: Any, args: argparse.Namespace, plan: Any) -> dict[str, Any]:
         "rule": f"largest mean gain over zero-shot on the tune part, every shift >= {plan.min_shift_gain:g} points, "
                 f"<= {plan.max_views:g} views per image; checked on the held-out part by the same bounds and mean >= 0",
         "accepted": result.accepted, "data": str(args.data_dir), "seed": args.seed, "minutes": args.minutes,
+        "per_class": args.per_class,
         "images": {"tune": result.images[0], "held_out": result.images[1]},
         "candidates_scored": result.candidates, "encoder_ms_per_view": round(result.ms_per_view, 2),
         "seconds": round(result.seconds, 1),

@@ -132,16 +132,19 @@ def test_rule_prefers_mean_gain_within_bounds_then_fewer_views() -> None:
                                         top_ks=(0,), skip_entropies=(0.0,)), ("clean", "blur"))
 
 
-def test_split_is_per_class_seeded_and_disjoint(tmp_path: Path) -> None:
+def test_rounds_take_one_image_per_class_seeded(tmp_path: Path) -> None:
     from adaptclip.adapt.data import load_folder
-    for c in ("a", "b"):
+    for c, n in (("a", 5), ("b", 3)):
         (tmp_path / c).mkdir()
-        for i in range(6):
+        for i in range(n):
             (tmp_path / c / f"{i}.png").write_bytes(make_image(i, size=(8, 8)))
     data = load_folder(tmp_path)
-    tune, held = T.split(data, 1 / 3, seed=3)
-    assert not set(tune) & set(held) and len(held) == 4 and len(tune) == 8
-    assert (tune, held) == T.split(data, 1 / 3, seed=3) and (tune, held) != T.split(data, 1 / 3, seed=4)
+    order = T.rounds(data, seed=3)
+    assert [len(r) for r in order] == [2, 2, 2, 1, 1]  # class b runs out after three rounds
+    assert sorted(i for r in order for i in r) == list(range(8))
+    assert all(sorted(data.labels[i] for i in r) == sorted(set(data.labels[i] for i in r)) for r in order)
+    assert order == T.rounds(data, seed=3) and order != T.rounds(data, seed=4)
+    assert [T.is_held_out(r) for r in range(6)] == [False, False, True, False, False, True]
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +164,7 @@ def test_tune_is_deterministic_and_checks_its_pick(folder: Path, hosted, one_thr
     plan = T.TunePlan(view_configs=(((0.5, 1.0), False),), views=(4, 8), entropy_rises=(1.0, 0.1),
                       agreements=(0.0, 0.5), top_ks=(0, 2), skip_entropies=(0.0,))
     first = T.tune(hosted, data, clf, plan, minutes=0.01, seed=1)
-    assert first.images == (3, 3)  # the budget allows the minimum: 2 a class, one of them held out
+    assert first.images == (6, 3)  # the budget allows the minimum, 3 rounds: the third is held out
     assert first.candidates == len(plan.method_settings(hosted.adapt_defaults)) * 8
     if first.pick is not None:  # the held-out check ran the served loop on the same settings
         assert first.check is not None and set(first.check.gains) == set(T.TUNE_SHIFTS)
@@ -169,6 +172,8 @@ def test_tune_is_deterministic_and_checks_its_pick(folder: Path, hosted, one_thr
     assert first.chosen.method == "none" or first.accepted
     second = T.tune(hosted, data, clf, plan, minutes=0.01, seed=1)
     assert second.chosen == first.chosen and second.images == first.images
+    fixed = T.tune(hosted, data, clf, plan, minutes=0.01, seed=1, per_class=4)  # all 4 rounds, whatever the speed
+    assert fixed.images == (9, 3)
 
 
 def test_cli_writes_a_config_the_server_serves(folder: Path, tiny_spec, tmp_path: Path, capsys, one_thread) -> None:
@@ -178,7 +183,7 @@ def test_cli_writes_a_config_the_server_serves(folder: Path, tiny_spec, tmp_path
     assert cli.main(argv) == 0
     doc = yaml.safe_load(out.read_text())
     rec = doc["tuned"]
-    assert rec["images"] == {"tune": 3, "held_out": 3}  # the budget allows the minimum: 2 a class
+    assert rec["images"] == {"tune": 6, "held_out": 3}  # the budget allows the minimum: 3 rounds
     assert rec["candidates_scored"] > 100 and rec["accepted"] in (True, False)
     assert set(rec["tune_part"] or {}) <= {"gain_per_shift", "mean_gain", "views_per_image"}
     cfg = load_config(out)  # the record does not upset the server's config reader
