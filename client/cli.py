@@ -77,6 +77,8 @@ def _print_table(path: str, resp) -> None:
     if resp.zero_shot_top:
         a = resp.adaptation
         what = "skipped (confident)" if a.skipped else f"{a.views_encoded} views, {resp.timings.adapt_us / 1000:.1f} ms"
+        if a.fell_back:
+            what += f", zero-shot answer ({a.note})"
         print(f"  adaptation: {what}; zero-shot top-1 was {resp.zero_shot_top[0].label} "
               f"({resp.zero_shot_top[0].probability * 100:.2f}%)")
 
