@@ -18,7 +18,7 @@ from PIL import Image
 from torch import Tensor
 
 from adaptclip.adapt.encoder import EncoderModel, FixedLabelSet
-from adaptclip.adapt.settings import FieldError, settings_from_dict
+from adaptclip.adapt.settings import FieldError, settings_from_dict, untuned_defaults
 from adaptclip.compression.edge import EdgeModel, default_providers
 from adaptclip.compression.models import ModelLoadError, ModelSpec
 
@@ -83,7 +83,7 @@ def load_bundle(spec: ModelSpec) -> BundleModel:
     except (OSError, ValueError, KeyError) as exc:
         raise ModelLoadError(f"cannot load bundle '{spec.bundle}': {exc}") from exc
     try:
-        adapt_defaults = settings_from_dict(dict(spec.adaptation))
+        adapt_defaults = settings_from_dict(dict(spec.adaptation), untuned_defaults(edge.image_size))
     except FieldError as exc:
         raise ModelLoadError(f"bundle '{spec.bundle}': {exc}") from None
     if adapt_defaults.method == "tpt":
