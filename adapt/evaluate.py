@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,12 +69,14 @@ class EvalPlan:
 
 @dataclass
 class Scored:
-    """One image under one setting: ranked classes, views encoded, whether the gate skipped, method time."""
+    """One image under one setting: ranked classes, views encoded, whether the confidence gate skipped the
+    views or the safety gate fell back to zero-shot, method time."""
 
     top: list[int]
     views: int
     skipped: bool
     method_ms: float
+    fell_back: bool = False
 
 
 @dataclass
@@ -123,9 +125,10 @@ class Run:
         self.encoded += images.shape[0]
         return feats, patches
 
-    def shift(self, shift: Shift) -> list[ImageRun]:
-        runs: list[ImageRun] = []
-        n, step, started = len(self.data.paths), self.plan.batch_images, time.perf_counter()
+    def features(self, shift: Shift) -> Iterator[tuple[int, Precomputed, float]]:
+        """(image index, its encoded views, view rendering ms) for every image under `shift`, encoded
+        `batch_images` images at a time (tune reads these directly)."""
+        n, step = len(self.data.paths), self.plan.batch_images
         for lo in range(0, n, step):
             index = range(lo, min(n, lo + step))
             pils = [decode_shifted(self.data.paths[i], shift, self.base.seed + i) for i in index]
@@ -142,9 +145,15 @@ class Run:
             per = self.base.views - 1
             for j, i in enumerate(index):
                 feats = feats0[j:j + 1] if extra is None else torch.cat([feats0[j:j + 1], extra[j * per:(j + 1) * per]])
-                source = Precomputed(feats, None if patches is None else patches[j])
-                runs.append(asyncio.run(self._image(i, source, render_ms[j])))
-            self.progress(f"{shift.name}: {len(runs)}/{n} images, {time.perf_counter() - started:.0f} s")
+                yield i, Precomputed(feats, None if patches is None else patches[j]), render_ms[j]
+
+    def shift(self, shift: Shift) -> list[ImageRun]:
+        runs: list[ImageRun] = []
+        n, started = len(self.data.paths), time.perf_counter()
+        for i, source, render_ms in self.features(shift):
+            runs.append(asyncio.run(self._image(i, source, render_ms)))
+            if len(runs) % self.plan.batch_images == 0 or len(runs) == n:
+                self.progress(f"{shift.name}: {len(runs)}/{n} images, {time.perf_counter() - started:.0f} s")
         return runs
 
     async def _image(self, index: int, source: Precomputed, render_ms: float) -> ImageRun:
@@ -168,7 +177,9 @@ class Run:
             if run is None:
                 run = ImageRun(self.data.labels[index], ranked_classes(out.zero_shot), render_ms)
             if out.result is None:
-                run.scored[s] = Scored(run.zero_shot, 1, out.report.skipped, 0.0)
+                ran = memo.get((s.method, out.report.views_encoded))
+                run.scored[s] = Scored(run.zero_shot, out.report.views_encoded, out.report.skipped,
+                                       ran[1] if ran and out.report.fell_back else 0.0, out.report.fell_back)
                 continue
             res = out.result
             top = ranked_classes(res.probs, tie_break=res.logits) if s.method == "zero" else ranked_classes(res.logits)
@@ -183,7 +194,8 @@ def _record(run: Run, shift: Shift, s: AdaptSettings, images: list[ImageRun], me
     n = len(images)
     per_view = run.ms_per_view
     cost = {"views_encoded": sum(sc.views for sc in scored) / n,
-            "skipped_fraction": sum(sc.skipped for sc in scored) / n, "encoder_ms_per_view": per_view,
+            "skipped_fraction": sum(sc.skipped for sc in scored) / n,
+            "fell_back_fraction": sum(sc.fell_back for sc in scored) / n, "encoder_ms_per_view": per_view,
             "render_ms": sum(img.render_ms for img, _ in adapted) / n,
             "method_ms": sum(sc.method_ms for _, sc in adapted) / n}
     cost["per_image_ms"] = per_view * cost["views_encoded"] + cost["render_ms"] + cost["method_ms"]

@@ -12,11 +12,16 @@ from typing import Protocol
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
-
+from adaptclip.adapt.gate import (
+    gate_active,
+    outside_top_k,
+    view_signals,
+    views_out_of_distribution,
+)
 from adaptclip.adapt.methods import MethodResult
 from adaptclip.adapt.selection import confident_views, normalized_entropy
 from adaptclip.adapt.settings import AdaptSettings
+from torch import Tensor
 
 MIN_AGREEING = 2  # selected views that must agree before a chunked run stops
 
@@ -42,6 +47,7 @@ class Report:
     method: str
     views_encoded: int = 1
     skipped: bool = False
+    fell_back: bool = False  # views encoded, but the safety gate answered zero-shot
     steps_run: int = 0
     global_only: bool = False
     normalized_entropy: float = 0.0
@@ -131,8 +137,15 @@ async def adapt_image(source: ViewSource, s: AdaptSettings, classifier: Tensor, 
         if s.view_chunk and stops_after(s, n, logit_scale * F.normalize(feats, dim=-1) @ classifier.T):
             report.note = f"selected views agreed after {n} views"
             break
+    if n > 1 and gate_active(s):
+        why = views_out_of_distribution(s, view_signals(logit_scale * F.normalize(feats, dim=-1) @ classifier.T))
+        if why:
+            return _fall_back(out, n, why, start)
     check_deadline(deadline, f"after {n} views, before {s.method}")
     result = await run_method(s, feats, patch_precision(patches) if gs and patches is not None else None)
+    why = outside_top_k(s, zero_shot, answer_top1(result))
+    if why:
+        return _fall_back(out, n, why, start)
     if gs and result.global_only:
         report.note = (report.note + "; " if report.note else "") + "no patch tokens in this tower: global bias only"
     if logit_bias is not None and s.method != "zero":
@@ -140,4 +153,18 @@ async def adapt_image(source: ViewSource, s: AdaptSettings, classifier: Tensor, 
     report.views_encoded, report.steps_run, report.global_only = n, result.steps_run, result.global_only
     out.result = result
     out.adapt_us = int((time.perf_counter() - start) * 1e6)
+    return out
+
+
+def answer_top1(result: MethodResult) -> int:
+    """The class a response ranks first: highest probability, ties (ZERO's votes) broken by logit."""
+    best = result.probs == result.probs.max()
+    return int(torch.where(best, result.logits.float(), torch.tensor(float("-inf"))).argmax())
+
+
+def _fall_back(out: Outcome, n: int, why: str, start: float) -> Outcome:
+    """The safety gate's zero-shot answer after `n` views were encoded."""
+    out.adapt_us = int((time.perf_counter() - start) * 1e6)
+    out.report.fell_back, out.report.views_encoded = True, n
+    out.report.note = (out.report.note + "; " if out.report.note else "") + f"safety gate: {why}: zero-shot answer"
     return out

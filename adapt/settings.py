@@ -9,6 +9,9 @@ from typing import Any
 METHODS = ("none", "gs_bias", "zero", "tpt")
 # Each method's own default selection ratio (GS-Bias and TPT: 10 % of 64 views; ZERO: 30 %).
 METHOD_RATIO = {"none": 0.1, "gs_bias": 0.1, "zero": 0.3, "tpt": 0.1}
+# Each method's official view pipeline: GS-Bias's AugMixAugmenter on ImageNet; ZERO's crop + flip;
+# TPT's AugMix only for fine-grained sets, so off unless asked for.
+METHOD_AUGMIX = {"none": False, "gs_bias": True, "zero": False, "tpt": False}
 MAX_VIEWS = 1024
 MAX_STEPS = 100
 
@@ -45,14 +48,23 @@ class AdaptSettings:
     spatial_top_k: int = 16
     seed: int = 0
     crop_scale: tuple[float, float] = (0.08, 1.0)
-    augmix: bool = True
+    augmix: bool | None = None  # None = the method's own (METHOD_AUGMIX)
     skip_entropy: float = 0.0  # answer zero-shot when the original view's normalised entropy is below
     view_chunk: int = 0  # encode views in chunks, stop once the selected views agree; 0 = one batch
     tpt_lr: float = 5e-3
+    # The safety gate (adapt/gate.py): answer zero-shot when the views look out of distribution.
+    gate_entropy_rise: float = 1.0  # fall back when the views' entropy exceeds view 0's by more; 1 = off
+    gate_agreement: float = 0.0  # fall back when fewer views agree with view 0's top-1; 0 = off
+    gate_top_k: int = 0  # keep the adapted top-1 only within the zero-shot top-k; 0 = off
 
     @property
     def ratio(self) -> float:
         return METHOD_RATIO[self.method] if self.selection_ratio is None else self.selection_ratio
+
+    @property
+    def use_augmix(self) -> bool:
+        """AugMix on the views: as set, else the method's official choice."""
+        return METHOD_AUGMIX[self.method] if self.augmix is None else self.augmix
 
     def replace(self, **changes: Any) -> AdaptSettings:
         return dataclasses.replace(self, **changes)
@@ -92,7 +104,31 @@ class AdaptSettings:
             raise bad("view_chunk", f"must be in 0..{MAX_VIEWS}, got {self.view_chunk}")
         if finite("tpt_lr", self.tpt_lr) <= 0:
             raise bad("tpt_lr", f"must be > 0, got {self.tpt_lr}")
+        if not 0.0 <= finite("gate_entropy_rise", self.gate_entropy_rise) <= 1.0:
+            raise bad("gate_entropy_rise", f"must be in [0, 1], got {self.gate_entropy_rise}")
+        if not 0.0 <= finite("gate_agreement", self.gate_agreement) <= 1.0:
+            raise bad("gate_agreement", f"must be in [0, 1], got {self.gate_agreement}")
+        if isinstance(self.gate_top_k, bool) or not isinstance(self.gate_top_k, int) or self.gate_top_k < 0:
+            raise bad("gate_top_k", f"must be an int >= 0, got {self.gate_top_k!r}")
         return self
+
+
+SMALL_INPUT = 128  # px: below it AugMix's ops (posterize, shear, solarize...) erase what little there is
+
+
+def untuned_defaults(image_size: int) -> AdaptSettings:
+    """What a model without a tuned `adaptation:` block adapts with (`adaptclip tune` writes one).
+
+    The official views are ImageNet's at 224 px: crops down to 8 % of the area and AugMix. A crop of a
+    small input keeps far fewer pixels, so the smallest crop scales with the input (8 % x 224 / side,
+    at most 90 %: 56 % at 32 px), and small inputs get no AugMix. The safety gate is on: an image whose
+    views are clearly less certain than the original (mean normalised entropy up by more than 0.1)
+    answers zero-shot, which is what protects a tower that never saw crops.
+    """
+    side = max(1, int(image_size))
+    low = round(min(0.9, max(0.08, 0.08 * 224 / side)), 2)
+    return AdaptSettings(crop_scale=(low, 1.0), augmix=False if side < SMALL_INPUT else None,
+                         gate_entropy_rise=0.1)
 
 
 def settings_from_dict(data: dict[str, Any], base: AdaptSettings | None = None) -> AdaptSettings:

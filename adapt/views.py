@@ -319,7 +319,7 @@ def view_plan(model: EncoderModel, img: Image.Image, view0: Tensor, s: AdaptSett
     if short > MAX_VIEW_SIDE * size:
         factor = MAX_VIEW_SIDE * size / short
         img = img.resize((round(img.width * factor), round(img.height * factor)), Image.BICUBIC)
-    gen = _generator(size, model.mean, model.std, s.crop_scale, s.augmix, model.kernels.views)
+    gen = _generator(size, model.mean, model.std, s.crop_scale, s.use_augmix, model.kernels.views)
     return gen.plan(TF.to_tensor(img), view0.to(model.device), s.views, s.seed)
 
 

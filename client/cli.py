@@ -77,6 +77,8 @@ def _print_table(path: str, resp) -> None:
     if resp.zero_shot_top:
         a = resp.adaptation
         what = "skipped (confident)" if a.skipped else f"{a.views_encoded} views, {resp.timings.adapt_us / 1000:.1f} ms"
+        if a.fell_back:
+            what += f", zero-shot answer ({a.note})"
         print(f"  adaptation: {what}; zero-shot top-1 was {resp.zero_shot_top[0].label} "
               f"({resp.zero_shot_top[0].probability * 100:.2f}%)")
 
@@ -136,10 +138,11 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _serve_parser(sub)
     _classify_parser(sub)
-    from adaptclip.client import cli_edge, cli_eval, cli_label, cli_quantize
+    from adaptclip.client import cli_edge, cli_eval, cli_label, cli_quantize, cli_tune
 
     commands = {"serve": cmd_serve, "classify": cmd_classify}
-    for module, name in ((cli_label, "label"), (cli_eval, "eval"), (cli_quantize, "quantize"), (cli_edge, "edge")):
+    for module, name in ((cli_label, "label"), (cli_eval, "eval"), (cli_quantize, "quantize"), (cli_edge, "edge"),
+                         (cli_tune, "tune")):
         module.add_parser(sub)
         commands[name] = module.run
     args = parser.parse_args(argv)

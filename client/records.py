@@ -16,6 +16,6 @@ def response_record(path: str, resp: pb.ClassifyResponse) -> dict:
         a = resp.adaptation
         rec["zero_shot_top"] = _scores(resp.zero_shot_top)
         rec["adaptation"] = {"method": pb.Adaptation.Method.Name(a.method).lower(), "views_encoded": a.views_encoded,
-                             "skipped": a.skipped, "steps_run": a.steps_run, "global_only": a.global_only,
+                             "skipped": a.skipped, "fell_back": a.fell_back, "steps_run": a.steps_run, "global_only": a.global_only,
                              "normalized_entropy": a.normalized_entropy, "adapt_ms": resp.timings.adapt_us / 1000}
     return rec

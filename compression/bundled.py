@@ -88,7 +88,7 @@ def load_bundle(spec: ModelSpec) -> BundleModel:
     except (OSError, ValueError, KeyError) as exc:
         raise ModelLoadError(f"cannot load bundle '{spec.bundle}': {exc}") from exc
     try:
-        adapt_defaults, ignored = edge_settings(edge.adaptation, dict(spec.adaptation))
+        adapt_defaults, ignored = edge_settings(edge.adaptation, dict(spec.adaptation), edge.image_size)
     except ValueError as exc:  # adapt.settings.FieldError included
         raise ModelLoadError(f"bundle '{spec.bundle}': {exc}") from None
     if ignored:

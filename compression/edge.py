@@ -91,7 +91,7 @@ def run_classify(args: argparse.Namespace) -> int:
         labels, _ = model.label_set(args.label_set)
         settings, ignored = edge_settings(model.adaptation, {
             "method": args.tta, "views": args.views, "seed": args.seed, "skip_entropy": args.skip_entropy,
-            "view_chunk": args.view_chunk})
+            "view_chunk": args.view_chunk}, model.image_size)
     except (OSError, ValueError, KeyError) as exc:  # FieldError is a ValueError naming the field
         print(f"adaptclip edge: {exc}", file=sys.stderr)
         return 2

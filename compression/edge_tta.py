@@ -25,7 +25,7 @@ from typing import Any, Self
 import numpy as np
 from PIL import Image
 
-from adaptclip.adapt.settings import AdaptSettings, settings_from_dict
+from adaptclip.adapt.settings import AdaptSettings, settings_from_dict, untuned_defaults
 from adaptclip.compression import edge_adapt
 from adaptclip.compression.edge_model import EdgeModel, softmax
 from adaptclip.compression.edge_views import ViewRenderer
@@ -35,12 +35,14 @@ MIN_AGREEING = 2  # as adapt.loop: selected views that must agree before a chunk
 _NOT_ON_EDGE = frozenset({"tpt_lr"})  # AdaptSettings fields that mean nothing without a text tower
 
 
-def edge_settings(block: dict[str, Any], overrides: dict[str, Any] | None = None) -> tuple[AdaptSettings, list[str]]:
+def edge_settings(block: dict[str, Any], overrides: dict[str, Any] | None = None,
+                  image_size: int = 224) -> tuple[AdaptSettings, list[str]]:
     """(settings, ignored field names) from a bundle's recorded block under `overrides` (unset = None
-    values are dropped). Raises adapt.settings.FieldError for a bad value, ValueError for TPT."""
+    values are dropped), over the untuned defaults for the input size, as a torch model's block is.
+    Raises adapt.settings.FieldError for a bad value, ValueError for TPT."""
     known = {f.name for f in dataclasses.fields(AdaptSettings)} - _NOT_ON_EDGE
     ignored = sorted(k for k in block if k not in known)
-    base = settings_from_dict({k: v for k, v in block.items() if k in known})
+    base = settings_from_dict({k: v for k, v in block.items() if k in known}, untuned_defaults(image_size))
     settings = settings_from_dict({k: v for k, v in (overrides or {}).items() if v is not None}, base)
     if settings.method == "tpt":
         raise ValueError("adaptation method tpt needs a text tower, which a bundle has not (use gs_bias or zero)")
@@ -89,7 +91,7 @@ class EdgeAdapter:
                  render_chunk: int = RENDER_CHUNK) -> None:
         self.model, self.s, self.render_chunk = model, settings.validate(), max(1, render_chunk)
         self.labels, self.weights = model.label_set(label_set)
-        self.renderer = ViewRenderer.for_bundle(model.pre, crop_scale=settings.crop_scale, augmix=settings.augmix)
+        self.renderer = ViewRenderer.for_bundle(model.pre, crop_scale=settings.crop_scale, augmix=settings.use_augmix)
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="edge-views")
 
     def close(self) -> None:

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from adaptclip.adapt.encoder import EncoderModel
 from adaptclip.adapt.methods import TextSide
-from adaptclip.adapt.settings import FieldError, settings_from_dict
+from adaptclip.adapt.settings import FieldError, settings_from_dict, untuned_defaults
 from adaptclip.compression.kernel_check import choose_kernels
 from adaptclip.compression.tokens import TokenCompressor, UnsupportedTower
 from adaptclip.kernels.backend import BACKENDS
@@ -240,7 +240,7 @@ def load_model(spec: ModelSpec) -> TorchModel:
     bias = getattr(model, "logit_bias", None)
     pre_cfg = open_clip.get_model_preprocess_cfg(model)
     try:
-        adapt_defaults = settings_from_dict(dict(spec.adaptation))
+        adapt_defaults = settings_from_dict(dict(spec.adaptation), untuned_defaults(int(image_size)))
     except FieldError as exc:
         raise ModelLoadError(f"model '{served}': {exc}") from None
     hosted = TorchModel(

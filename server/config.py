@@ -104,6 +104,7 @@ def load_config(path: str | Path | None) -> ServerConfig:
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: top level must be a mapping")
     raw = dict(raw)
+    raw.pop("tuned", None)  # `adaptclip tune`'s record of what it measured: for readers, not settings
     models = [_build(ModelSpec, dict(m), f"models[{i}]") for i, m in enumerate(raw.pop("models", []) or [])]
     limits = _build(Limits, dict(raw.pop("limits", {}) or {}), "limits")
     batching = _build(BatchingConfig, dict(raw.pop("batching", {}) or {}), "batching")

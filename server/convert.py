@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import torch
-
 from adaptclip.adapt.loop import Report
 from adaptclip.adapt.settings import AdaptSettings, FieldError
 from adaptclip.v1 import classifier_pb2 as pb
@@ -11,7 +10,7 @@ METHOD_NAMES = {pb.Adaptation.NONE: "none",
                 pb.Adaptation.GS_BIAS: "gs_bias", pb.Adaptation.ZERO: "zero", pb.Adaptation.TPT: "tpt"}
 METHOD_ENUMS = {name: enum for enum, name in METHOD_NAMES.items()}
 _OPTIONAL = ("views", "selection_ratio", "steps", "alpha", "beta", "spatial_top_k", "seed", "augmix",
-             "skip_entropy", "view_chunk")
+             "skip_entropy", "view_chunk", "gate_entropy_rise", "gate_agreement", "gate_top_k")
 
 
 def settings_from_request(msg: pb.Adaptation, defaults: AdaptSettings) -> AdaptSettings:
@@ -31,14 +30,15 @@ def settings_from_request(msg: pb.Adaptation, defaults: AdaptSettings) -> AdaptS
 def settings_to_proto(s: AdaptSettings) -> pb.Adaptation:
     return pb.Adaptation(method=METHOD_ENUMS[s.method], views=s.views, selection_ratio=s.ratio, steps=s.steps,
                          alpha=s.alpha, beta=s.beta, spatial_top_k=s.spatial_top_k, seed=s.seed,
-                         crop_scale_min=s.crop_scale[0], crop_scale_max=s.crop_scale[1], augmix=s.augmix,
-                         skip_entropy=s.skip_entropy, view_chunk=s.view_chunk)
+                         crop_scale_min=s.crop_scale[0], crop_scale_max=s.crop_scale[1], augmix=s.use_augmix,
+                         skip_entropy=s.skip_entropy, view_chunk=s.view_chunk, gate_entropy_rise=s.gate_entropy_rise,
+                         gate_agreement=s.gate_agreement, gate_top_k=s.gate_top_k)
 
 
 def report_to_proto(r: Report) -> pb.AdaptationReport:
     return pb.AdaptationReport(method=METHOD_ENUMS[r.method], views_encoded=r.views_encoded, skipped=r.skipped,
                                steps_run=r.steps_run, global_only=r.global_only,
-                               normalized_entropy=r.normalized_entropy, note=r.note)
+                               normalized_entropy=r.normalized_entropy, note=r.note, fell_back=r.fell_back)
 
 
 def fill_top(field, labels: tuple[str, ...], logits: torch.Tensor, probs: torch.Tensor, k: int) -> None:

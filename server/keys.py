@@ -21,7 +21,7 @@ def feature_key(fingerprint: str, image_hash: str, s: AdaptSettings, tokens: str
     """Key of an image's view features: model weights, image bytes, everything that shapes the views,
     and the token compression the encoder ran with (`tokens`, see token_tag)."""
     views = "v1" if s.method == "none" else _digest(
-        {"views": s.views, "seed": s.seed, "crop": list(s.crop_scale), "augmix": s.augmix})
+        {"views": s.views, "seed": s.seed, "crop": list(s.crop_scale), "augmix": s.use_augmix})
     return f"adaptclip:{SCHEMA}:features:{fingerprint}:{image_hash}:{views}:{tokens}"
 
 
@@ -38,7 +38,8 @@ def result_key(feat_key: str, label_set_id: str, s: AdaptSettings) -> str:
     """Key of a final answer: the features' key plus the label set and the adaptation's own settings."""
     settings = {"method": s.method} if s.method == "none" else {
         "method": s.method, "ratio": s.ratio, "steps": s.steps, "alpha": s.alpha, "beta": s.beta,
-        "top_k": s.spatial_top_k, "skip": s.skip_entropy, "chunk": s.view_chunk, "lr": s.tpt_lr}
+        "top_k": s.spatial_top_k, "skip": s.skip_entropy, "chunk": s.view_chunk, "lr": s.tpt_lr,
+        "gate": [s.gate_entropy_rise, s.gate_agreement, s.gate_top_k]}
     return feat_key.replace(":features:", ":result:", 1) + f":{label_set_id}:{_digest(settings)}"
 
 

@@ -46,6 +46,8 @@ class Metrics:
                                      registry=r)
         self.adaptation_skipped = Counter("adaptclip_adaptation_skipped", "adapting requests the confidence gate "
                                           "answered zero-shot, without views", ["method"], registry=r)
+        self.adaptation_fell_back = Counter("adaptclip_adaptation_fell_back", "adapting requests the safety gate "
+                                            "answered zero-shot after seeing the views", ["method"], registry=r)
         self.models_loaded = Gauge("adaptclip_models_loaded", "models loaded and serving", registry=r)
         self.auth_tokens = Gauge("adaptclip_auth_tokens", "bearer tokens accepted (0: auth off)", registry=r)
         self.auth_reloads = Counter("adaptclip_auth_reloads", "token file reloads (SIGHUP), by result", ["result"],

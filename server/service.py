@@ -166,6 +166,8 @@ class ClassifierService(pb_grpc.ClassifierServicer):
                             computed=resp.cache_level != pb.CACHE_RESULT)
         if out.report.skipped:
             self.metrics.adaptation_skipped.labels(settings.method).inc()
+        if out.report.fell_back:
+            self.metrics.adaptation_fell_back.labels(settings.method).inc()
         return resp
 
     @rpc

@@ -15,7 +15,7 @@ from adaptclip.adapt.loop import adapt_image, skips_views, view_chunks, views_ag
 from adaptclip.adapt.methods import MethodResult
 from adaptclip.adapt.metrics import classification_metrics, ranked_classes
 from adaptclip.adapt.settings import AdaptSettings
-from adaptclip.adapt.shifts import SHIFT_NAMES, SUITE, get_shift
+from adaptclip.adapt.shifts import HELD_OUT, SHIFT_NAMES, SUITE, get_shift
 from adaptclip.client import cli_eval
 from adaptclip.compression.models import load_model
 from conftest import make_image
@@ -63,10 +63,11 @@ def test_noise_depends_on_seed_only() -> None:
 
 def test_shift_rejects_bad_input() -> None:
     with pytest.raises(ValueError, match="unknown shift"):
-        get_shift("fog")
+        get_shift("snow")
     with pytest.raises(ValueError, match="float"):
         get_shift("jpeg")(torch.zeros(3, 8, 8, dtype=torch.uint8), 0)
-    assert set(SUITE) == set(SHIFT_NAMES) - {"clean"}
+    assert set(SUITE) | set(HELD_OUT) == set(SHIFT_NAMES) - {"clean"}
+    assert not set(SUITE) & set(HELD_OUT)  # what tune sees is kept apart from what is reported
 
 
 def test_metrics_hand_made() -> None:

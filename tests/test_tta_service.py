@@ -116,3 +116,19 @@ def test_concurrent_adapted_requests_share_batches(server, client):
         assert list(pool.map(call, range(8))) == [4] * 8
     # Each request needs two encoder submissions (original view, then views); alone that is 16 batches.
     assert batcher.batches - before < 16
+
+
+def test_safety_gate_falls_back_after_the_views(client):
+    open_gate = _classify(client, A(method=A.ZERO, views=8, seed=3, gate_agreement=0.0, gate_entropy_rise=1.0))
+    assert not open_gate.adaptation.fell_back
+    shut = _classify(client, A(method=A.ZERO, views=8, seed=3, gate_agreement=1.0, gate_entropy_rise=0.0))
+    assert shut.adaptation.fell_back and shut.adaptation.views_encoded == 8 and not shut.adaptation.skipped
+    assert "safety gate" in shut.adaptation.note
+    assert _logits(shut.top) == pytest.approx(_logits(shut.zero_shot_top))  # the zero-shot answer, not a cached one
+
+
+@pytest.mark.parametrize("field,value", [("gate_entropy_rise", 2.0), ("gate_agreement", -1.0), ("gate_top_k", -2)])
+def test_gate_settings_checked_with_the_field_named(client, field, value):
+    with pytest.raises(grpc.RpcError) as exc:
+        _classify(client, A(method=A.GS_BIAS, views=8, **{field: value}))
+    assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT and f"adaptation.{field}" in exc.value.details()
