@@ -13,17 +13,14 @@ off at its neutral value, decide per image, after the views are encoded and befo
 
 The thresholds are per model: `adaptclip tune` picks them on labelled data (adapt/tune.py), and the
 untuned defaults in adapt/settings.py are conservative. The server and the accuracy harness both call
-`view_signals` and `falls_back` through adapt/loop.py, so what is tuned is what is served.
+`signals` and the tests through adapt/loop.py (compression/edge_tta.py on the edge), so what is tuned is what is served.
 """
 from __future__ import annotations
 
-import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-import torch
-from adaptclip.adapt.selection import view_entropy
 from adaptclip.adapt.settings import AdaptSettings
-from torch import Tensor
 
 
 @dataclass(frozen=True)
@@ -34,15 +31,13 @@ class ViewSignals:
     agreement: float  # fraction of views 1.. whose top-1 is view 0's
 
 
-def view_signals(view_logits: Tensor) -> ViewSignals:
-    """Signals from the logits [V, C] of view 0 and its augmented views (V >= 2)."""
-    logits = view_logits.float()
-    if logits.ndim != 2 or logits.shape[0] < 2:
-        raise ValueError(f"view_logits must be [V >= 2, C], got {tuple(logits.shape)}")
-    norm = math.log(logits.shape[-1]) if logits.shape[-1] > 1 else 1.0
-    entropy = view_entropy(logits) / norm
-    top = logits.argmax(-1)
-    return ViewSignals(float(entropy[1:].mean() - entropy[0]), float((top[1:] == top[0]).float().mean()))
+def signals(entropies: Sequence[float], tops: Sequence[int]) -> ViewSignals:
+    """Signals from the normalised entropies and top-1 classes of view 0 and its augmented views (V >= 2).
+    Plain numbers in, so the torch loop (adapt.loop.view_signals) and the numpy edge runner share it."""
+    if len(entropies) < 2 or len(entropies) != len(tops):
+        raise ValueError(f"need V >= 2 views' entropies and top-1s, got {len(entropies)} and {len(tops)}")
+    rest = len(entropies) - 1
+    return ViewSignals(sum(entropies[1:]) / rest - entropies[0], sum(t == tops[0] for t in tops[1:]) / rest)
 
 
 def gate_active(s: AdaptSettings) -> bool:
@@ -50,20 +45,17 @@ def gate_active(s: AdaptSettings) -> bool:
     return s.gate_entropy_rise < 1.0 or s.gate_agreement > 0.0
 
 
-def views_out_of_distribution(s: AdaptSettings, signals: ViewSignals) -> str:
+def views_out_of_distribution(s: AdaptSettings, sig: ViewSignals) -> str:
     """Why the views look out of distribution under `s`'s thresholds, or "" when they do not."""
-    if signals.entropy_rise > s.gate_entropy_rise:
-        return f"views' entropy rose {signals.entropy_rise:+.3f} over the original's (> {s.gate_entropy_rise:g})"
-    if signals.agreement < s.gate_agreement:
-        return f"only {signals.agreement:.2f} of the views agree with the original (< {s.gate_agreement:g})"
+    if sig.entropy_rise > s.gate_entropy_rise:
+        return f"views' entropy rose {sig.entropy_rise:+.3f} over the original's (> {s.gate_entropy_rise:g})"
+    if sig.agreement < s.gate_agreement:
+        return f"only {sig.agreement:.2f} of the views agree with the original (< {s.gate_agreement:g})"
     return ""
 
 
-def outside_top_k(s: AdaptSettings, zero_shot: Tensor, adapted_top1: int) -> str:
-    """Why the adapted answer is refused by the top-k test, or "" when it is kept."""
-    if s.gate_top_k <= 0 or s.gate_top_k >= zero_shot.shape[-1]:
-        return ""
-    allowed = torch.topk(zero_shot.float(), s.gate_top_k).indices
-    if bool((allowed == adapted_top1).any()):
+def outside_top_k(s: AdaptSettings, zero_shot_order: Sequence[int], adapted_top1: int) -> str:
+    """Why the adapted answer is refused by the top-k test (zero_shot_order: classes best first), or ""."""
+    if s.gate_top_k <= 0 or s.gate_top_k >= len(zero_shot_order) or adapted_top1 in zero_shot_order[:s.gate_top_k]:
         return ""
     return f"adapted top-1 is not among the zero-shot top-{s.gate_top_k}"

@@ -5,6 +5,7 @@ on features of exactly the same precision.
 """
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
@@ -12,16 +13,12 @@ from typing import Protocol
 
 import torch
 import torch.nn.functional as F
-from adaptclip.adapt.gate import (
-    gate_active,
-    outside_top_k,
-    view_signals,
-    views_out_of_distribution,
-)
-from adaptclip.adapt.methods import MethodResult
-from adaptclip.adapt.selection import confident_views, normalized_entropy
-from adaptclip.adapt.settings import AdaptSettings
 from torch import Tensor
+
+from adaptclip.adapt.gate import ViewSignals, gate_active, outside_top_k, signals, views_out_of_distribution
+from adaptclip.adapt.methods import MethodResult
+from adaptclip.adapt.selection import confident_views, normalized_entropy, view_entropy
+from adaptclip.adapt.settings import AdaptSettings
 
 MIN_AGREEING = 2  # selected views that must agree before a chunked run stops
 
@@ -143,7 +140,7 @@ async def adapt_image(source: ViewSource, s: AdaptSettings, classifier: Tensor, 
             return _fall_back(out, n, why, start)
     check_deadline(deadline, f"after {n} views, before {s.method}")
     result = await run_method(s, feats, patch_precision(patches) if gs and patches is not None else None)
-    why = outside_top_k(s, zero_shot, answer_top1(result))
+    why = outside_top_k(s, torch.argsort(zero_shot, descending=True, stable=True).tolist(), answer_top1(result))
     if why:
         return _fall_back(out, n, why, start)
     if gs and result.global_only:
@@ -154,6 +151,13 @@ async def adapt_image(source: ViewSource, s: AdaptSettings, classifier: Tensor, 
     out.result = result
     out.adapt_us = int((time.perf_counter() - start) * 1e6)
     return out
+
+
+def view_signals(view_logits: Tensor) -> ViewSignals:
+    """The safety gate's signals from the logits [V, C] of view 0 and its augmented views."""
+    logits = view_logits.float()
+    norm = math.log(logits.shape[-1]) if logits.shape[-1] > 1 else 1.0
+    return signals((view_entropy(logits) / norm).tolist(), logits.argmax(-1).tolist())
 
 
 def answer_top1(result: MethodResult) -> int:

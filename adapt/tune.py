@@ -25,22 +25,17 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
+
 from adaptclip.adapt.data import Dataset
 from adaptclip.adapt.encoder import EncoderModel
 from adaptclip.adapt.evaluate import EvalPlan, Precomputed, Run
-from adaptclip.adapt.gate import view_signals
 from adaptclip.adapt.gsbias import gs_bias
-from adaptclip.adapt.loop import (
-    adapt_image,
-    answer_top1,
-    patch_precision,
-    view_precision,
-)
+from adaptclip.adapt.loop import adapt_image, answer_top1, patch_precision, view_precision, view_signals
 from adaptclip.adapt.methods import adapt_views
 from adaptclip.adapt.selection import normalized_entropy
 from adaptclip.adapt.settings import SMALL_INPUT, AdaptSettings, untuned_defaults
 from adaptclip.adapt.shifts import SUITE, get_shift
-from torch import Tensor
 
 TUNE_SHIFTS = ("clean", *SUITE)
 ViewConfig = tuple[tuple[float, float], bool]  # (crop scale, AugMix)

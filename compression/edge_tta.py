@@ -25,6 +25,7 @@ from typing import Any, Self
 import numpy as np
 from PIL import Image
 
+from adaptclip.adapt.gate import gate_active, outside_top_k, signals, views_out_of_distribution
 from adaptclip.adapt.settings import AdaptSettings, settings_from_dict, untuned_defaults
 from adaptclip.compression import edge_adapt
 from adaptclip.compression.edge_model import EdgeModel, softmax
@@ -121,8 +122,8 @@ class EdgeAdapter:
         times["encode_ms"] += 1000 * (time.perf_counter() - start)
         zero_shot = model.logits(feat0)[0]
         entropy = edge_adapt.normalized_entropy(zero_shot)
-        report = {"method": s.method, "views_encoded": 1, "skipped": False, "steps_run": 0, "global_only": False,
-                  "normalized_entropy": entropy, "note": ""}
+        report = {"method": s.method, "views_encoded": 1, "skipped": False, "fell_back": False, "steps_run": 0,
+                  "global_only": False, "normalized_entropy": entropy, "note": ""}
         answer = EdgeAnswer(zero_shot, softmax(zero_shot), zero_shot, report, times)
         if s.method == "none":
             return self._done(answer, started)
@@ -132,7 +133,18 @@ class EdgeAdapter:
             return self._done(answer, started)
         feats = self._views(image, feat0, report, times, s.seed if seed is None else seed)
         start = time.perf_counter()
-        answer.logits, answer.probs, report["steps_run"] = self._method(feats, None if patches is None else patches[0])
+        if feats.ndim == 2 and feats.shape[0] > 1 and gate_active(s):
+            view_logits = model.logit_scale * _unit(feats) @ self.weights.T
+            entropies = edge_adapt.view_entropy(view_logits) / max(np.log(view_logits.shape[-1]), 1e-12)
+            why = views_out_of_distribution(s, signals(entropies.tolist(), view_logits.argmax(-1).tolist()))
+            if why:
+                return self._fall_back(answer, why, start, started)
+        logits, probs, steps = self._method(feats, None if patches is None else patches[0])
+        best = np.flatnonzero(probs == probs.max())
+        why = outside_top_k(s, np.argsort(-zero_shot, kind="stable").tolist(), int(best[np.argmax(logits[best])]))
+        if why:
+            return self._fall_back(answer, why, start, started)
+        answer.logits, answer.probs, report["steps_run"] = logits, probs, steps
         times["adapt_ms"] = 1000 * (time.perf_counter() - start)
         if gs and patches is None:
             report["global_only"] = True
@@ -186,6 +198,15 @@ class EdgeAdapter:
         view_logits = scale * unit @ self.weights.T
         votes = edge_adapt.zero_logits(view_logits, s.ratio)
         return view_logits[edge_adapt.confident_views(view_logits, s.ratio)].mean(0), votes, 0
+
+    def _fall_back(self, answer: EdgeAnswer, why: str, start: float, started: float) -> EdgeAnswer:
+        """The safety gate's zero-shot answer after the views were encoded (as adapt.loop._fall_back)."""
+        answer.timings_ms["adapt_ms"] = 1000 * (time.perf_counter() - start)
+        report = answer.report
+        report["fell_back"] = True
+        note = f"safety gate: {why}: zero-shot answer"
+        report["note"] = f"{report['note']}; {note}" if report["note"] else note
+        return self._done(answer, started)
 
     def _done(self, answer: EdgeAnswer, started: float) -> EdgeAnswer:
         answer.timings_ms["total_ms"] = 1000 * (time.perf_counter() - started)

@@ -97,7 +97,9 @@ def _features(edge: EdgeModel, adapter: EdgeAdapter, image, seed: int) -> tuple[
 
 
 @pytest.mark.parametrize("change", [{"method": "gs_bias"}, {"method": "gs_bias", "view_chunk": 3, "steps": 3},
-                                    {"method": "zero", "view_chunk": 4}, {"method": "gs_bias", "skip_entropy": 1.0}])
+                                    {"method": "zero", "view_chunk": 4}, {"method": "gs_bias", "skip_entropy": 1.0},
+                                    {"method": "gs_bias", "gate_agreement": 0.6}, {"method": "zero", "gate_top_k": 1},
+                                    {"method": "zero", "gate_entropy_rise": 0.0}])
 def test_edge_loop_equals_the_torch_loop_on_the_same_features(bundle: Path, images, change: dict) -> None:
     edge = EdgeModel(bundle)
     s, _ = edge_settings(edge.adaptation, {"views": 12, **change})
@@ -114,8 +116,8 @@ def test_edge_loop_equals_the_torch_loop_on_the_same_features(bundle: Path, imag
             source = Precomputed(torch.from_numpy(feats), torch.from_numpy(patches))
             want = asyncio.run(adapt_image(source, s, classifier, edge.logit_scale, edge.logit_bias, method))
             r = want.report
-            assert (got.report["views_encoded"], got.report["skipped"], got.report["steps_run"],
-                    got.report["global_only"]) == (r.views_encoded, r.skipped, r.steps_run, r.global_only)
+            assert (got.report["views_encoded"], got.report["skipped"], got.report["fell_back"], got.report["steps_run"],
+                    got.report["global_only"]) == (r.views_encoded, r.skipped, r.fell_back, r.steps_run, r.global_only)
             np.testing.assert_allclose(got.zero_shot, want.zero_shot.numpy(), atol=1e-4)
             if want.result is None:
                 np.testing.assert_array_equal(got.logits, got.zero_shot)
