@@ -138,10 +138,13 @@ def _sane(resp: pb.ClassifyResponse) -> None:
     assert sum(s.probability for s in resp.top) == pytest.approx(1.0, abs=1e-4)
 
 
-def test_model_info_reports_the_resolved_precision(client, place):
+def test_model_info_reports_the_resolved_precision(client, reference, place):
     info = {m.name: m for m in client.model_info().models}
     assert info["tiny-vit"].precision == _expected_precision(place) != "auto"
     assert info["edge"].precision == "w8a8" and info["edge"].runtime.startswith("onnxruntime")
+    fp32 = next(m for m in reference.model_info().models if m.name == "tiny-vit")
+    # The cache keys carry the weights' fingerprint: features of another precision are never served.
+    assert (info["tiny-vit"].fingerprint == fp32.fingerprint) == (_expected_precision(place) == "fp32")
 
 
 def test_every_method_with_and_without_token_compression(client, reference, place):
@@ -158,6 +161,24 @@ def test_every_method_with_and_without_token_compression(client, reference, plac
             ref = _scores(want[key])
             assert max(abs(v - ref[k]) for k, v in _scores(resp).items()) < LOGIT_TOL[method][precision], (key, resp)
     assert agree >= 0.8 * len(got), f"top-1 agrees with fp32 on {agree} of {len(got)} answers"
+
+
+def test_gate_and_chunked_early_stop(client, reference):
+    """The gate and the chunks' agreement test run on fp32 logits of half features: same decisions as fp32."""
+    same_views, encoded = 0, []
+    for i in IMAGES:
+        gated = client.classify(make_image(700 + i), labels=LABELS, top_k=len(LABELS),
+                                adaptation=A(method=A.GS_BIAS, views=16, skip_entropy=1.0))
+        assert gated.adaptation.skipped and gated.adaptation.views_encoded == 1
+        assert [s.label for s in gated.top] == [s.label for s in gated.zero_shot_top]
+        chunked = A(method=A.ZERO, views=32, view_chunk=4, selection_ratio=0.25, seed=i, skip_entropy=0.0)
+        got, want = (c.classify(make_image(700 + i), labels=LABELS, top_k=len(LABELS), adaptation=chunked)
+                     for c in (client, reference))
+        _sane(got)
+        encoded.append(got.adaptation.views_encoded)
+        same_views += got.adaptation.views_encoded == want.adaptation.views_encoded
+    assert all(5 <= n <= 32 for n in encoded) and min(encoded) < 32, encoded  # some stopped early
+    assert same_views >= len(IMAGES) - 1, f"chunked runs stopped where fp32 did on {same_views} of {len(IMAGES)}"
 
 
 def test_cache_miss_then_hit_gives_the_same_answer(client):
