@@ -81,6 +81,7 @@ def main() -> None:
     p.add_argument("--zs-per-class", type=int, default=0, help="zero-shot images per class (0: all, -1: none)")
     p.add_argument("--gs-per-class", type=int, default=5, help="GS-Bias images per class")
     p.add_argument("--peers-per-class", type=int, default=2, help="ZERO and TPT images per class")
+    p.add_argument("--subset-seed", type=int, default=1, help="which GS-Bias images (seeded sample per class)")
     p.add_argument("--precisions", default=",".join(PRECISIONS))
     p.add_argument("--threads", type=int, default=1, help="torch threads (a shared machine: 1)")
     p.add_argument("--batch-images", type=int, default=16)
@@ -96,7 +97,7 @@ def main() -> None:
                 merged["precisions"].setdefault(precision, {}).update(part["precisions"].get(precision, {}))
         merged["precisions"] = {k: v for k, v in merged["precisions"].items() if v}
         if args.out:
-            args.out.write_text(json.dumps(merged, indent=1))
+            args.out.write_text(json.dumps(merged))
         print(table(merged))
         return
 
@@ -118,7 +119,7 @@ def main() -> None:
             data = load_folder(args.data, classes, args.zs_per_class or None)
             row["zero_shot"] = score(model, data, classifier, ("none",), 256)
         if args.gs_per_class > 0:
-            data = load_folder(args.data, classes, args.gs_per_class, seed=1)
+            data = load_folder(args.data, classes, args.gs_per_class, seed=args.subset_seed)
             row["gs_bias"] = score(model, data, classifier, ("none", "gs_bias"), args.batch_images)
         if args.peers_per_class > 0:
             data = load_folder(args.data, classes, args.peers_per_class, seed=2)
@@ -127,8 +128,8 @@ def main() -> None:
         took = ", ".join(f"{part} {r['seconds']:.0f} s" for part, r in row.items())
         print(f"{precision}: done ({took})", file=sys.stderr, flush=True)
         if args.out:
-            args.out.write_text(json.dumps(results, indent=1))
-    print(table(results))
+            args.out.write_text(json.dumps(results))
+    print(table(results) if "fp32" in results["precisions"] else "no fp32 here: print the table with --merge")
 
 
 def table(results: dict[str, Any]) -> str:
