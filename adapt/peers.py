@@ -119,8 +119,12 @@ def tpt_logits(model: nn.Module, tokenizer: Callable[[Sequence[str]], Tensor],
     without autograd, the loss's gradient w.r.t. them is taken, and each chunk is re-encoded with
     autograd and back-propagated with its slice of that gradient (one extra text-tower forward;
     all 1,000 ImageNet prompts at once need tens of GB). None = all classes at once, as the paper.
-    Deviations: the official code runs under fp16 autocast with a GradScaler; this runs in the
-    model's dtype. The official code sets n_ctx to the word count of ctx_init; here ctx_init
+    Precision: the text tower runs in the model's dtype (open_clip's fp16/bf16 cast the prompt embeddings
+    to it); the context, AdamW's state, the class embeddings after the tower, the logits and the entropy
+    are fp32 whatever that dtype (float64 for a float64 model), so a half model tunes an fp32 context
+    and nothing mixes dtypes.
+    Deviations: the official code runs under fp16 autocast with a GradScaler (fp32 master context, as
+    here, but half logits). The official code sets n_ctx to the word count of ctx_init; here ctx_init
     must tokenise to exactly n_ctx tokens. Past `deadline` (a time.monotonic() instant) the next step
     raises TimeoutError instead of running: a request whose caller gave up stops holding the tower.
     """
@@ -153,9 +157,11 @@ def tpt_logits(model: nn.Module, tokenizer: Callable[[Sequence[str]], Tensor],
 
     # Inputs may be inference tensors (server under torch.inference_mode): leave that mode.
     with torch.inference_mode(False), torch.enable_grad():
-        with torch.no_grad():
-            embeddings = tower.token_embeddings(ids).clone()
-            feats = image_feats_views.clone().to(device)
+        with torch.no_grad():  # the context, its optimiser state and the loss in at least fp32 (see the docstring)
+            embeddings = tower.token_embeddings(ids)
+            dtype = torch.promote_types(embeddings.dtype, torch.float32)
+            embeddings = embeddings.to(dtype)
+            feats = image_feats_views.to(device, dtype, copy=True)  # a copy: not an inference tensor
         ctx = nn.Parameter(embeddings[0, 1:1 + n_ctx].clone())
         optimizer = torch.optim.AdamW([ctx], lr=lr)  # torch default weight decay, as the official code
 
@@ -166,7 +172,7 @@ def tpt_logits(model: nn.Module, tokenizer: Callable[[Sequence[str]], Tensor],
             emb = embeddings[part]
             prompts = torch.cat([emb[:, :1], ctx.unsqueeze(0).expand(emb.shape[0], -1, -1),
                                  emb[:, 1 + n_ctx:]], dim=1)
-            return F.normalize(tower.encode(prompts, ids[part]), dim=-1)
+            return F.normalize(tower.encode(prompts, ids[part]).to(dtype), dim=-1)
 
         def all_class_embeddings() -> Tensor:
             with torch.no_grad():
@@ -177,7 +183,7 @@ def tpt_logits(model: nn.Module, tokenizer: Callable[[Sequence[str]], Tensor],
             if deadline is not None and time.monotonic() >= deadline:
                 raise TimeoutError(f"deadline passed after {step} of {steps} TPT steps")
             weights = class_embeddings() if len(chunks) == 1 else all_class_embeddings().requires_grad_()
-            logits = logit_scale * feats.to(ctx.dtype) @ weights.T
+            logits = logit_scale * feats @ weights.T
             if selected is None:
                 selected = confident_views(logits.detach(), selection_ratio)
             loss = marginal_entropy(logits[selected])
@@ -188,4 +194,4 @@ def tpt_logits(model: nn.Module, tokenizer: Callable[[Sequence[str]], Tensor],
                 ctx.grad = sum(torch.autograd.grad(class_embeddings(part), [ctx], grad_weights[part])[0]
                                for part in chunks)
             optimizer.step()
-        return logit_scale * feats[0].to(ctx.dtype) @ all_class_embeddings().T
+        return logit_scale * feats[0] @ all_class_embeddings().T

@@ -13,8 +13,8 @@ One command on a CUDA machine, from the project root (on the offline GPU machine
    (cuda-tests.xml / .log, kernels.json / .log).
 
 Exit status 0 only when every CUDA test passed and the benchmark ran (speed targets missed are
-reported, not failed). The service-level GPU checks (bench/gpu_check.py, #14) run after it in the
-same device command: `source bench/gpu_env.sh && python3 bench/gpu_kernels.py --out $OUT/kernels && ...`.
+reported, not failed). bench/gpu_check.py (#14) runs this first, then the service-level checks:
+`source bench/gpu_env.sh && python3 bench/gpu_check.py --out "$OUT"` is the whole GPU check.
 """
 from __future__ import annotations
 

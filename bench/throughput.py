@@ -47,23 +47,27 @@ def percentiles(lat_s: list[float]) -> tuple[float, float]:
 def in_process(args: argparse.Namespace, images: list[bytes]) -> dict:
     import open_clip
     import torch
+    from adaptclip.compression.models import DTYPES, resolve_device, resolve_precision
     from PIL import Image
 
     model_name = args.model
     if model_name.endswith(".json"):
         open_clip.add_model_config(model_name)
         model_name = Path(model_name).stem
-    model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=None if args.random_init else args.pretrained)
+    device = resolve_device(args.device)
+    precision = resolve_precision(args.precision, device)  # what the server resolves the same flag to
+    model, _, preprocess = open_clip.create_model_and_transforms(
+        model_name, pretrained=None if args.random_init else args.pretrained, device=device, precision=precision)
     model.eval()
     tokenizer = open_clip.get_tokenizer(model_name)
-    classifier = open_clip.build_zero_shot_classifier(model, tokenizer, LABELS, ["a photo of a {}."])
+    classifier = open_clip.build_zero_shot_classifier(model, tokenizer, LABELS, ["a photo of a {}."], device=device)
     scale = model.logit_scale.exp()
 
     def run_batch(chunk: list[bytes]) -> None:
         with torch.inference_mode():
             x = torch.stack([preprocess(Image.open(io.BytesIO(b)).convert("RGB")) for b in chunk])
-            feats = model.encode_image(x, normalize=True)
-            (scale * feats @ classifier).softmax(-1)
+            feats = model.encode_image(x.to(device, DTYPES[precision]), normalize=True)
+            (scale * feats @ classifier).softmax(-1).cpu()  # on the host, as the service answers (and a CUDA sync)
 
     run_batch(images[: args.batch_size])  # warm-up
     lat = []
@@ -74,7 +78,8 @@ def in_process(args: argparse.Namespace, images: list[bytes]) -> dict:
         lat.append(time.perf_counter() - t)
     wall = time.perf_counter() - start
     p50, p99 = percentiles(lat)
-    return {"path": f"open_clip in-process, batch {args.batch_size}", "images_per_s": len(images) / wall,
+    return {"path": f"open_clip in-process, batch {args.batch_size}, {precision} on {device.type}",
+            "images_per_s": len(images) / wall,
             "p50_ms": p50, "p99_ms": p99, "latency_of": "batch"}
 
 
@@ -112,7 +117,8 @@ def start_server(args: argparse.Namespace, bundle: str | None = None) -> tuple[s
     if bundle:
         cmd += ["--bundle", bundle]
     else:
-        cmd += ["--model", args.model] + (["--random-init"] if args.random_init else ["--pretrained", args.pretrained])
+        cmd += ["--model", args.model, "--device", args.device, "--precision", args.precision]
+        cmd += ["--random-init"] if args.random_init else ["--pretrained", args.pretrained]
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
     from adaptclip.client import Client
 
@@ -129,6 +135,8 @@ def main() -> None:
     p.add_argument("--pretrained")
     p.add_argument("--random-init", action="store_true")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="auto", help="both paths: auto (CUDA when available), cpu, cuda")
+    p.add_argument("--precision", default="auto", help="both paths: auto (half on CUDA, fp32 on the CPU), fp32, ...")
     p.add_argument("--concurrency", default="1,4,16")
     p.add_argument("--bundle", help="also serve this exported bundle (onnxruntime) and measure it")
     p.add_argument("--json", help="also write the results here")

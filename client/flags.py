@@ -7,7 +7,7 @@ import dataclasses
 from adaptclip.client.client import load_lines
 from adaptclip.kernels.backend import BACKENDS
 
-PRECISIONS = ["fp32", "fp16", "bf16"]
+PRECISIONS = ["auto", "fp32", "fp16", "bf16"]  # compression.models.PRECISIONS (not imported: it loads torch)
 
 
 def add_model_flags(p: argparse.ArgumentParser, *, serving: bool = False, placement: bool = True) -> None:
@@ -20,7 +20,9 @@ def add_model_flags(p: argparse.ArgumentParser, *, serving: bool = False, placem
                    help="RANDOM weights (tests and speed benchmarks only; answers are meaningless)")
     if placement:
         g.add_argument("--device", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
-        g.add_argument("--precision", choices=PRECISIONS)
+        g.add_argument("--precision", choices=PRECISIONS,
+                       help="auto (the default): bf16 on a CUDA GPU with native bf16, else fp16 there, fp32 on the CPU; "
+                            "adaptation math runs in fp32 whatever this is; a bundle keeps its own (auto only)")
         g.add_argument("--kernels", choices=BACKENDS,
                        help="Triton kernels for views, GS-Bias and token selection: auto (CUDA, when triton imports), "
                             "torch, or triton; each is checked against torch at load and falls back to it")

@@ -80,6 +80,9 @@ def load_bundle(spec: ModelSpec) -> BundleModel:
         raise ModelLoadError(f"bundle '{spec.bundle}': device must be auto, cpu or cuda, got '{spec.device}'")
     if spec.keep_rate != 1.0:
         raise ModelLoadError(f"bundle '{spec.bundle}': keep_rate: an exported bundle cannot drop tokens")
+    if spec.precision != "auto":  # its graph is fp32 or INT8 as exported; GetModelInfo reports which
+        raise ModelLoadError(f"bundle '{spec.bundle}': precision '{spec.precision}': an exported bundle runs at the "
+                             f"precision it was exported with; leave precision at auto")
     if spec.device == "cuda" and "CUDAExecutionProvider" not in default_providers():
         raise ModelLoadError(f"bundle '{spec.bundle}': device cuda asked, but this onnxruntime has no CUDA provider "
                              f"(install onnxruntime-gpu)")

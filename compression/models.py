@@ -15,20 +15,21 @@ from typing import Any
 
 import open_clip
 import torch
-from open_clip import SIMPLE_IMAGENET_TEMPLATES
-from PIL import Image
-from torch import Tensor, nn
-
+import torch.nn.functional as F
 from adaptclip.adapt.encoder import EncoderModel
 from adaptclip.adapt.methods import TextSide
 from adaptclip.adapt.settings import FieldError, settings_from_dict, untuned_defaults
 from adaptclip.compression.kernel_check import choose_kernels
 from adaptclip.compression.tokens import TokenCompressor, UnsupportedTower
 from adaptclip.kernels.backend import BACKENDS
+from open_clip import SIMPLE_IMAGENET_TEMPLATES
+from PIL import Image
+from torch import Tensor, nn
 
 # open_clip's templates are callables; "{}" turns each into a format string.
 DEFAULT_TEMPLATES: tuple[str, ...] = tuple(t("{}") for t in SIMPLE_IMAGENET_TEMPLATES)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+PRECISIONS = ("auto", *DTYPES)  # auto: see resolve_precision
 DEFAULT_MODEL = "ViT-B-32"
 DEFAULT_PRETRAINED = "laion2b_s34b_b79k"
 
@@ -45,7 +46,7 @@ class ModelSpec:
     pretrained: str | None = DEFAULT_PRETRAINED  # open_clip tag or local checkpoint path
     name: str | None = None  # served name; defaults to the registry name / JSON file stem
     device: str = "auto"  # auto = CUDA when available
-    precision: str = "fp32"  # fp32 | fp16 | bf16
+    precision: str = "auto"  # auto (half on CUDA, fp32 on the CPU: resolve_precision) | fp32 | fp16 | bf16
     random_init: bool = False  # serve random weights: only for tests and speed benchmarks
     # Test-time adaptation defaults for this model (AdaptSettings fields), e.g. milder crops for
     # 32-px inputs: {"crop_scale": [0.35, 1.0], "augmix": false}.
@@ -59,7 +60,7 @@ class ModelSpec:
     token_score_layers: int = 1  # CLS attention summed over this many blocks (VTC-CLS when > 1)
     token_compression: bool = True
     # An exported edge bundle folder (`adaptclip quantize`) served through onnxruntime instead of
-    # torch; model/pretrained/precision are then unused (the bundle says what it is).
+    # torch; model/pretrained are then unused and precision must stay auto (the bundle says what it is).
     bundle: str | None = None
     # Triton kernels for view rendering, GS-Bias and token selection: auto (on CUDA when triton
     # imports), torch, or triton; each is checked against torch at load and falls back to it.
@@ -104,15 +105,18 @@ class OpenClipText:
 
     @torch.inference_mode()
     def encode(self, texts: Sequence[str], normalize: bool = True) -> Tensor:
+        """[N, D] fp32 on the CPU; normalised in fp32 (a bf16 norm is off by up to 0.4 %)."""
         tokens = self.tokenizer(list(texts)).to(self.device)
-        return self.model.encode_text(tokens, normalize=normalize).float().cpu()
+        feats = self.model.encode_text(tokens).float()
+        return (F.normalize(feats, dim=-1) if normalize else feats).cpu()
 
     @torch.inference_mode()
     def classifier(self, labels: Sequence[str], templates: Sequence[str]) -> Tensor:
-        """[C, D] with open_clip's own conventions (template ensemble, renormalised), fp32 on the CPU."""
+        """[C, D] with open_clip's own conventions (template ensemble, renormalised), fp32 on the CPU; the
+        last renormalisation is redone in fp32, so a half model's rows are unit vectors too."""
         weights = open_clip.build_zero_shot_classifier(
             self.model, self.tokenizer, list(labels), list(templates), num_classes_per_batch=10, device=self.device)
-        return weights.T.float().cpu().contiguous()
+        return F.normalize(weights.T.float(), dim=-1).cpu().contiguous()
 
     def prompt_side(self, labels: Sequence[str]) -> TextSide:
         return TextSide(self.model, self.tokenizer, tuple(labels))
@@ -158,6 +162,24 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """The precision a model is served in: `auto` is bf16 on a CUDA GPU that runs it natively (Ampere and
+    later), fp16 on an older one, fp32 on the CPU (half matmuls there are emulated and slower); the others
+    are taken as given. Either half is open_clip's mixed precision: LayerNorms and embeddings stay fp32."""
+    if precision not in PRECISIONS:
+        raise ModelLoadError(f"precision '{precision}' not supported; use one of {', '.join(PRECISIONS)}")
+    if precision != "auto":
+        return precision
+    if device.type != "cuda":
+        return "fp32"
+    with torch.cuda.device(device):
+        try:
+            native = torch.cuda.is_bf16_supported(including_emulation=False)
+        except TypeError:  # torch before 2.3 has no emulation and no such argument
+            native = torch.cuda.is_bf16_supported()
+    return "bf16" if native else "fp16"
 
 
 def register_model_name(model: str) -> str:
@@ -213,18 +235,17 @@ def _compressor(model: nn.Module, spec: ModelSpec, name: str) -> TokenCompressor
 def load_model(spec: ModelSpec) -> TorchModel:
     """Create the model and its transforms; refuse to serve unless weights loaded (or random init was asked)."""
     name = register_model_name(spec.model)
-    if spec.precision not in DTYPES:
-        raise ModelLoadError(f"precision '{spec.precision}' not supported; use one of {', '.join(DTYPES)}")
     if spec.kernels not in BACKENDS:
         raise ModelLoadError(f"kernels '{spec.kernels}' not supported; use one of {', '.join(BACKENDS)}")
     device = resolve_device(spec.device)
+    precision = resolve_precision(spec.precision, device)
     pretrained = None if spec.random_init else (spec.pretrained or None)
     if pretrained is None and not spec.random_init:
         raise ModelLoadError(f"no weights given for model '{name}': pass --pretrained TAG (an open_clip tag, "
                              f"downloaded) or --pretrained PATH (a local checkpoint); --random-init only for tests")
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(
-            name, pretrained=pretrained, precision=spec.precision, device=device,
+            name, pretrained=pretrained, precision=precision, device=device,
             require_pretrained=not spec.random_init, pretrained_text=not spec.random_init)
     except Exception as exc:  # open_clip raises RuntimeError/OSError/HF errors for missing weights
         raise ModelLoadError(
@@ -252,7 +273,7 @@ def load_model(spec: ModelSpec) -> TorchModel:
         std=tuple(float(x) for x in pre_cfg.get("std", open_clip.OPENAI_DATASET_STD)), device=device,
         adapt_defaults=adapt_defaults, source=_source_label(spec), random_init=spec.random_init,
         text=OpenClipText(model, open_clip.get_tokenizer(name), device), compressor=_compressor(model, spec, served),
-        module=model, transform=preprocess, dtype=DTYPES[spec.precision], spec=spec)
+        module=model, transform=preprocess, dtype=DTYPES[precision], spec=spec)
     try:
         hosted.keep_rate = hosted.check_keep_rate(spec.keep_rate, "keep_rate")
     except FieldError as exc:

@@ -136,12 +136,18 @@ class TokenCompressor:
                                  for i in range(max(prev + 1, b - score_layers + 1), b + 1))
         self._check_split()
 
+    @property
+    def input_dtype(self) -> torch.dtype:
+        """The dtype the tower takes images in: its patch embedding's. open_clip's fp16/bf16 keep the class
+        and positional embeddings and the LayerNorms in fp32, so the first parameter does not say it."""
+        return self.visual.conv1.weight.dtype
+
     @torch.inference_mode()
     def _check_split(self) -> None:
         """Probe once that this open_clip's embedding, blocks and pooling are the steps the compressor runs
         piecewise, so a changed open_clip fails here, loudly, instead of answering wrong."""
         v = self.visual
-        param = next(v.parameters())
+        param = v.conv1.weight
         probe = torch.randn(1, 3, *v.image_size, generator=torch.Generator().manual_seed(0))
         probe = probe.to(param.device, param.dtype)
         x = v._embeds(probe)
