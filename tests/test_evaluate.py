@@ -189,7 +189,7 @@ def test_measured_is_served(server, client, folder: Path, method: str, chunk: in
     data = load_folder(folder)
     templates = ("a photo of a {}.",)
     clf = hosted.classifier(data.classes, templates)
-    base = AdaptSettings(views=8, seed=40, selection_ratio=0.5)  # 2 views selected after one chunk
+    base = hosted.adapt_defaults.replace(views=8, seed=40, selection_ratio=0.5)  # as served; 2 views kept a chunk
     run = Run(hosted, data, clf, base, EvalPlan(methods=(method,), shifts=(get_shift("clean"),),
                                                  view_chunks=(chunk,), batch_images=4), None)
     for i, img in enumerate(run.shift(get_shift("clean"))):

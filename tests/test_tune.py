@@ -165,23 +165,23 @@ def test_tune_is_deterministic_and_checks_its_pick(folder: Path, hosted, one_thr
     clf = hosted.classifier(data.classes, ("a photo of a {}.",))
     plan = T.TunePlan(view_configs=(((0.5, 1.0), False),), views=(4, 8), entropy_rises=(1.0, 0.1),
                       agreements=(0.0, 0.5), top_ks=(0, 2), skip_entropies=(0.0,))
-    first = T.tune(hosted, data, clf, plan, minutes=0.01, seed=1)
+    first = T.tune(hosted, data, clf, plan, minutes=1e-4, seed=1)
     assert first.images == (6, 3)  # the budget allows the minimum, 3 rounds: the third is held out
     assert first.candidates == len(plan.method_settings(hosted.adapt_defaults)) * 8
     if first.pick is not None:  # the held-out check ran the served loop on the same settings
         assert first.check is not None and set(first.check.gains) == set(T.TUNE_SHIFTS)
         assert first.accepted == T.passes(first.check, plan)
     assert first.chosen.method == "none" or first.accepted
-    second = T.tune(hosted, data, clf, plan, minutes=0.01, seed=1)
+    second = T.tune(hosted, data, clf, plan, minutes=1e-4, seed=1)
     assert second.chosen == first.chosen and second.images == first.images
-    fixed = T.tune(hosted, data, clf, plan, minutes=0.01, seed=1, per_class=4)  # all 4 rounds, whatever the speed
+    fixed = T.tune(hosted, data, clf, plan, minutes=1e-4, seed=1, per_class=4)  # all 4 rounds, whatever the speed
     assert fixed.images == (9, 3)
 
 
 def test_cli_writes_a_config_the_server_serves(folder: Path, tiny_spec, tmp_path: Path, capsys, one_thread) -> None:
     out = tmp_path / "tuned.yaml"
     argv = ["tune", str(folder), "--model", tiny_spec.model, "--pretrained", tiny_spec.pretrained, "--device", "cpu",
-            "--minutes", "0.01", "--seed", "1", "--views", "4", "-o", str(out)]
+            "--minutes", "0.0001", "--seed", "1", "--views", "4", "-o", str(out)]
     assert cli.main(argv) == 0
     doc = yaml.safe_load(out.read_text())
     rec = doc["tuned"]
