@@ -99,3 +99,11 @@ def test_security_metrics_and_limits_keys_and_their_flags(tmp_path):
     bad.write_text("security: {tls_certificate: x}\n")
     with pytest.raises(ValueError, match="security.*tls_certificate"):
         load_config(bad)
+
+
+def test_tuned_cifar_example_is_a_tune_file_the_server_reads():
+    from adaptclip.adapt.settings import settings_from_dict
+
+    (spec,) = load_config(EXAMPLE.with_name("cifar-clip-tuned.yaml")).models
+    s = settings_from_dict(dict(spec.adaptation))
+    assert s.method in ("gs_bias", "zero", "none") and spec.adaptation.keys() >= {"gate_entropy_rise", "crop_scale"}
