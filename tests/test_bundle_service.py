@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,14 +12,12 @@ import grpc
 import numpy as np
 import pytest
 from PIL import Image
+from bundles import as_format_one, tiny_bundle
 from conftest import ServerThread, make_image
 
 from adaptclip.client import Client, flags
 from adaptclip.client.client import classify_request
-from adaptclip.compression.bundle import BundleConfig, build_bundle
 from adaptclip.compression.edge_model import EdgeModel
-from adaptclip.compression.export import QuantConfig
-from adaptclip.compression.spdfq import SynthesisConfig
 from adaptclip.server.app import load_models
 from adaptclip.compression.bundled import load_bundle
 from adaptclip.compression.models import ModelSpec
@@ -38,23 +34,12 @@ TEMPLATES = ("a photo of a {}.", "a picture of a {}.")
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory: pytest.TempPathFactory, hosted: TorchModel) -> Path:
-    out = tmp_path_factory.mktemp("served") / "bundle"
-    cfg = BundleConfig(calib="gaussian", n_calib=8, n_check=4, min_cosine=0.9, quant=QuantConfig(bits="w8a8"),
-                       synthesis=SynthesisConfig(iters=2, progress=False))
-    build_bundle(hosted, {"things": (LABELS, TEMPLATES)}, out, cfg)
-    return out
+    return tiny_bundle(hosted, tmp_path_factory.mktemp("served") / "bundle", {"things": (LABELS, TEMPLATES)})
 
 
 @pytest.fixture(scope="module")
 def old_bundle(bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The bundle as format 1 described it: no patch output, no recorded adaptation defaults."""
-    out = tmp_path_factory.mktemp("old") / "bundle"
-    shutil.copytree(bundle, out)
-    manifest = json.loads((out / "manifest.json").read_text())
-    manifest["format"] = "adaptclip-edge-bundle/1"
-    del manifest["onnx"]["patches"], manifest["adaptation"]
-    (out / "manifest.json").write_text(json.dumps(manifest))
-    return out
+    return as_format_one(bundle, tmp_path_factory.mktemp("old") / "bundle")
 
 
 @pytest.fixture(scope="module")

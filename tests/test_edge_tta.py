@@ -5,25 +5,22 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from bundles import as_format_one, tiny_bundle
 from conftest import make_image
 
 from adaptclip.adapt.evaluate import Precomputed
 from adaptclip.adapt.loop import adapt_image
 from adaptclip.adapt.methods import adapt_views
 from adaptclip.client import cli_edge, cli_quantize
-from adaptclip.compression.bundle import BundleConfig, build_bundle
 from adaptclip.compression.bundled import load_bundle
 from adaptclip.compression.edge_model import EdgeModel
 from adaptclip.compression.edge_tta import EdgeAdapter, edge_settings
-from adaptclip.compression.export import QuantConfig
 from adaptclip.compression.models import ModelSpec, TorchModel, image_features
-from adaptclip.compression.spdfq import SynthesisConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 LABELS = ("cat", "dog", "car", "tree", "boat")
@@ -34,24 +31,13 @@ RECORDED = {"method": "gs_bias", "views": 12, "crop_scale": [0.5, 1.0], "augmix"
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory: pytest.TempPathFactory, hosted: TorchModel) -> Path:
-    out = tmp_path_factory.mktemp("tta") / "bundle"
-    cfg = BundleConfig(calib="gaussian", n_calib=8, n_check=4, min_cosine=0.9, quant=QuantConfig(bits="w8a8"),
-                       synthesis=SynthesisConfig(iters=2, progress=False), adaptation=RECORDED,
-                       adaptation_source="tune.yaml")
-    build_bundle(hosted, {"things": (LABELS, TEMPLATES)}, out, cfg)
-    return out
+    return tiny_bundle(hosted, tmp_path_factory.mktemp("tta") / "bundle", {"things": (LABELS, TEMPLATES)},
+                       adaptation=RECORDED, adaptation_source="tune.yaml")
 
 
 @pytest.fixture(scope="module")
 def old_bundle(bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The same bundle as format 1 wrote it: no patch output named, no adaptation block."""
-    out = tmp_path_factory.mktemp("old") / "bundle"
-    shutil.copytree(bundle, out)
-    manifest = json.loads((out / "manifest.json").read_text())
-    manifest["format"] = "adaptclip-edge-bundle/1"
-    del manifest["onnx"]["patches"], manifest["adaptation"]
-    (out / "manifest.json").write_text(json.dumps(manifest))
-    return out
+    return as_format_one(bundle, tmp_path_factory.mktemp("old") / "bundle")
 
 
 @pytest.fixture(scope="module")

@@ -18,9 +18,7 @@ import pytest
 import torch
 from adaptclip.client import Client, cli, flags
 from adaptclip.client.client import classify_request
-from adaptclip.compression.bundle import BundleConfig, build_bundle
 from adaptclip.compression.bundled import load_bundle
-from adaptclip.compression.export import QuantConfig
 from adaptclip.compression.models import (
     PRECISIONS,
     ModelLoadError,
@@ -28,10 +26,10 @@ from adaptclip.compression.models import (
     TorchModel,
     resolve_precision,
 )
-from adaptclip.compression.spdfq import SynthesisConfig
 from adaptclip.server.app import load_models
 from adaptclip.server.config import ServerConfig
 from adaptclip.v1 import classifier_pb2 as pb
+from bundles import tiny_bundle
 from conftest import LABELS, TINY_CONFIG, ServerThread, make_image
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -57,11 +55,8 @@ def _adaptation(method: int) -> pb.Adaptation:
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory: pytest.TempPathFactory, hosted: TorchModel) -> Path:
     """An INT8 bundle of the tiny model (its graph fp32 + INT8, whatever the torch model's precision)."""
-    out = tmp_path_factory.mktemp("precision") / "bundle"
-    cfg = BundleConfig(calib="gaussian", n_calib=8, n_check=4, min_cosine=0.9, quant=QuantConfig(bits="w8a8"),
-                       synthesis=SynthesisConfig(iters=1, progress=False))
-    build_bundle(hosted, {"things": (BUNDLE_LABELS, BUNDLE_TEMPLATES)}, out, cfg)
-    return out
+    return tiny_bundle(hosted, tmp_path_factory.mktemp("precision") / "bundle",
+                       {"things": (BUNDLE_LABELS, BUNDLE_TEMPLATES)}, iters=1)
 
 
 @pytest.fixture(scope="module")
