@@ -1,11 +1,7 @@
 """The token-selection kernel (adaptclip.kernels.token_select) against compression.tokens.reduce_tokens.
 
-Without CUDA the kernels run in Triton's CPU interpreter, which `@triton.jit` picks at decoration
-time, for triton.language's own functions too: TRITON_INTERPRET=1 must be set before the first
-`import triton` in the process. This module sets it (without CUDA) for runs where it is the
-first; the suite's conftest imports open_clip and kornia, hence torch._dynamo, hence triton, so
-it must set it itself, at its top (else the CPU variants fail, saying so). The CUDA variants run
-where the kernels were compiled (CUDA present, TRITON_INTERPRET unset).
+Without CUDA the kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1, set below and by the suite's
+conftest before the first `import triton`; tests/test_kernels_views.py says why it must be that early).
 """
 from __future__ import annotations
 
