@@ -225,11 +225,6 @@ def passes(p: Pick, plan: TunePlan) -> bool:
     return p.mean_gain >= 0.0 and min(p.gains.values()) >= plan.min_shift_gain and p.views_per_image <= plan.max_views
 
 
-def timed(fn: Callable[[], object]) -> tuple[object, float]:
-    start = time.perf_counter()
-    return fn(), time.perf_counter() - start
-
-
 def default_view_configs(image_size: int) -> tuple[ViewConfig, ...]:
     """The view settings searched: the input-scaled mild crops of the untuned defaults and near-whole
     crops (0.9-1, for towers that never saw crops), without AugMix; inputs of SMALL_INPUT px and more
