@@ -106,7 +106,7 @@ def _denied(handler: grpc.RpcMethodHandler, rpc: str, message: str, metrics: Met
 
     async def deny(request: Any, context: grpc.aio.ServicerContext) -> None:
         started, request_id = time.perf_counter(), new_request_id()
-        finished(metrics, rpc, grpc.StatusCode.UNAUTHENTICATED, started, request_id, context)
+        finished(metrics, rpc, grpc.StatusCode.UNAUTHENTICATED, started, request_id, context.peer())
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message, trailing_metadata=(("x-request-id", request_id),))
 
     kind = {(False, False): grpc.unary_unary_rpc_method_handler, (False, True): grpc.unary_stream_rpc_method_handler,

@@ -91,7 +91,7 @@ def _ended(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
 @contextlib.asynccontextmanager
 async def _served(service: Any, name: str, request_id: str, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
     """One call: its id on this task and in the trailers, every exception as its status, counted and logged."""
-    started = time.perf_counter()
+    started, peer = time.perf_counter(), context.peer()
     REQUEST_ID.set(request_id)
     context.set_trailing_metadata(_trailers(request_id))
     code, counted = grpc.StatusCode.OK, False
@@ -103,11 +103,11 @@ async def _served(service: Any, name: str, request_id: str, context: grpc.aio.Se
     except Exception as exc:  # noqa: BLE001 - the one mapping
         code, message = status_for(exc, name)
         counted = True  # before abort: the client may read the metrics the moment it has the status
-        finished(service.metrics, name, code, started, request_id, context)
+        finished(service.metrics, name, code, started, request_id, peer)
         await context.abort(code, message, trailing_metadata=_trailers(request_id, exc))
     finally:
         if not counted:
-            finished(service.metrics, name, code, started, request_id, context)
+            finished(service.metrics, name, code, started, request_id, peer)
 
 
 def rpc(handler: F) -> F:
