@@ -140,9 +140,10 @@ async def adapt_image(source: ViewSource, s: AdaptSettings, classifier: Tensor, 
             return _fall_back(out, n, why, start)
     check_deadline(deadline, f"after {n} views, before {s.method}")
     result = await run_method(s, feats, patch_precision(patches) if gs and patches is not None else None)
-    why = outside_top_k(s, torch.argsort(zero_shot, descending=True, stable=True).tolist(), answer_top1(result))
-    if why:
-        return _fall_back(out, n, why, start)
+    if s.gate_top_k:  # the zero-shot ranking only when the top-k test is on
+        why = outside_top_k(s, torch.argsort(zero_shot, descending=True, stable=True).tolist(), answer_top1(result))
+        if why:
+            return _fall_back(out, n, why, start)
     if gs and result.global_only:
         report.note = (report.note + "; " if report.note else "") + "no patch tokens in this tower: global bias only"
     if logit_bias is not None and s.method != "zero":
