@@ -6,9 +6,15 @@ candidate (method, views, selection ratio, GS-Bias step sizes) then runs on thos
 `adapt.methods.adapt_views`, and every safety-gate threshold is scored from the same per-image
 results, since the gate only chooses between an image's adapted and zero-shot answers. The rule:
 
-    among candidates whose gain over zero-shot is >= `min_shift_gain` on every shift and whose mean
-    views encoded per image are <= `max_views`, the largest mean gain over the shifts; ties go to
-    fewer views encoded, then to the earlier candidate in the grid.
+    among candidates whose gain over zero-shot, less `shift_se` standard errors, is >= `min_shift_gain`
+    on every shift and whose mean views encoded per image are <= `max_views`, the largest mean gain over
+    the shifts; ties go to fewer views encoded, then to the earlier candidate in the grid.
+
+The standard error is the paired one (per image: adapted right minus zero-shot right), so the bound
+holds for the shift's population, not only its sample: a candidate that flips many answers either way
+needs a margin, one that changes little (milder views, a gate that falls back) does not. Without it
+the best of thousands of candidates passes the bound on a small sample by chance, and a shift the
+suite does not show (strong blur) is where that luck runs out.
 
 The images are split per class into a tune part, where the rule picks, and a held-out part, where
 the pick is checked through `adapt.loop.adapt_image`, the loop the server runs. When no candidate
@@ -55,6 +61,7 @@ class TunePlan:
     top_ks: tuple[int, ...] = (0, 2, 3)
     skip_entropies: tuple[float, ...] = (0.0, 0.2, 0.4)
     min_shift_gain: float = -1.0  # points
+    shift_se: float = 1.0  # standard errors of a shift's gain subtracted before the bound (0: the point estimate)
     max_views: float = 64.0  # mean views encoded per image
     held_out: float = 1 / 3  # of each class
 
@@ -93,10 +100,22 @@ class Pick:
     settings: AdaptSettings
     gains: dict[str, float]  # shift -> points over zero-shot
     views_per_image: float
+    errors: dict[str, float] = field(default_factory=dict)  # shift -> the gain's paired standard error, points
 
     @property
     def mean_gain(self) -> float:
         return sum(self.gains.values()) / len(self.gains)
+
+    def bounds(self, se: float) -> dict[str, float]:
+        """Each shift's gain less `se` standard errors: what the rule's per-shift bound is checked on."""
+        return {k: g - se * self.errors.get(k, 0.0) for k, g in self.gains.items()}
+
+
+def gain(right: Tensor, right_zero_shot: Tensor) -> tuple[float, float]:
+    """(points over zero-shot, its paired standard error) from per-image correctness [N] (bool)."""
+    d = right.float() - right_zero_shot.float()
+    se = float(d.std(correction=1)) / len(d) ** 0.5 if len(d) > 1 else 0.0
+    return 100.0 * float(d.mean()), 100.0 * se
 
 
 def rounds(data: Dataset, seed: int) -> list[list[int]]:
@@ -186,15 +205,15 @@ def pick(parts: dict[tuple[ViewConfig, str], Scores], plan: TunePlan, shifts: tu
             if (c.crop_scale, c.augmix) != config:
                 continue
             for gate in gate_grid(plan):
-                gains, views = {}, 0.0
+                gains, errors, views = {}, {}, 0.0
                 for shift in shifts:
                     sc = parts[(config, shift)]
                     final, n = gated(sc, c, gate)
-                    gains[shift] = 100.0 * float((final == sc.labels).float().mean() - (sc.zero_shot == sc.labels).float().mean())
+                    gains[shift], errors[shift] = gain(final == sc.labels, sc.zero_shot == sc.labels)
                     views += float(n.mean()) / len(shifts)
                 order += 1
-                p = Pick(with_gate(c, gate), gains, views)
-                if min(gains.values()) >= plan.min_shift_gain and views <= plan.max_views:
+                p = Pick(with_gate(c, gate), gains, views, errors)
+                if min(p.bounds(plan.shift_se).values()) >= plan.min_shift_gain and views <= plan.max_views:
                     passing.append((-p.mean_gain, views, order, p))
     return [p for *_, p in sorted(passing, key=lambda t: t[:3])]
 
@@ -211,14 +230,13 @@ def check(model: EncoderModel, parts: dict[str, list[ImageFeatures]], classifier
         zs = int(out.zero_shot.argmax())
         return zs, zs if out.result is None else answer_top1(out.result), out.report.views_encoded
 
+    errors = {}
     for shift, images in parts.items():
-        res = [asyncio.run(one(img)) for img in images]
-        labels = [img.label for img in images]
-        zs_acc = sum(z == y for (z, _, _), y in zip(res, labels)) / len(labels)
-        acc = sum(a == y for (_, a, _), y in zip(res, labels)) / len(labels)
-        gains[shift] = 100.0 * (acc - zs_acc)
-        views += sum(n for *_, n in res) / len(res) / len(parts)
-    return Pick(s, gains, views)
+        res = torch.tensor([asyncio.run(one(img)) for img in images])  # [N, (zero-shot, answer, views)]
+        labels = torch.tensor([img.label for img in images])
+        gains[shift], errors[shift] = gain(res[:, 1] == labels, res[:, 0] == labels)
+        views += float(res[:, 2].float().mean()) / len(parts)
+    return Pick(s, gains, views, errors)
 
 
 def passes(p: Pick, plan: TunePlan) -> bool:

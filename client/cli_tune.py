@@ -124,19 +124,25 @@ def record(result: Any, args: argparse.Namespace, plan: Any) -> dict[str, Any]:
     def gains(p: Any) -> dict[str, float] | None:
         return None if p is None else {k: round(v, 2) for k, v in p.gains.items()}
 
+    def errors(p: Any) -> dict[str, float] | None:
+        return None if p is None else {k: round(v, 2) for k, v in p.errors.items()}
+
     return {
-        "rule": f"largest mean gain over zero-shot on the tune part, every shift >= {plan.min_shift_gain:g} points, "
-                f"<= {plan.max_views:g} views per image; checked on the held-out part by the same bounds and mean >= 0",
+        "rule": f"largest mean gain over zero-shot on the tune part, every shift's gain less {plan.shift_se:g} paired "
+                f"standard error(s) >= {plan.min_shift_gain:g} points, <= {plan.max_views:g} views per image; checked "
+                f"on the held-out part: every shift's gain >= {plan.min_shift_gain:g}, mean >= 0, the same views bound",
         "accepted": result.accepted, "data": str(args.data_dir), "seed": args.seed, "minutes": args.minutes,
         "per_class": args.per_class,
         "images": {"tune": result.images[0], "held_out": result.images[1]},
         "candidates_scored": result.candidates, "encoder_ms_per_view": round(result.ms_per_view, 2),
         "seconds": round(result.seconds, 1),
         "tune_part": None if result.pick is None else {
-            "gain_per_shift": gains(result.pick), "mean_gain": round(result.pick.mean_gain, 2),
+            "gain_per_shift": gains(result.pick), "standard_error": errors(result.pick),
+            "mean_gain": round(result.pick.mean_gain, 2),
             "views_per_image": round(result.pick.views_per_image, 1)},
         "held_out_part": None if result.check is None else {
-            "gain_per_shift": gains(result.check), "mean_gain": round(result.check.mean_gain, 2),
+            "gain_per_shift": gains(result.check), "standard_error": errors(result.check),
+            "mean_gain": round(result.check.mean_gain, 2),
             "views_per_image": round(result.check.views_per_image, 1)},
     }
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 import yaml
 from adaptclip.adapt import tune as T
 from adaptclip.adapt.evaluate import Precomputed
@@ -125,13 +126,42 @@ def test_rule_prefers_mean_gain_within_bounds_then_fewer_views() -> None:
 
     config = ((0.5, 1.0), False)
     parts = {(config, "clean"): part(9, 11), (config, "blur"): part(18, 12)}
-    plan = T.TunePlan(view_configs=(config,), entropy_rises=(1.0,), agreements=(0.0,), top_ks=(0,), skip_entropies=(0.0,))
+    plan = T.TunePlan(view_configs=(config,), entropy_rises=(1.0,), agreements=(0.0,), top_ks=(0,), skip_entropies=(0.0,),
+                      shift_se=0.0)
     ranked = T.pick(parts, plan, ("clean", "blur"))
     assert ranked[0].settings.method == "zero" and ranked[0].settings.views == 8  # a breaks the -1 bound
     assert ranked[0].gains == {"clean": pytest.approx(5.0), "blur": pytest.approx(10.0)}
     assert all(p.settings.method != "gs_bias" for p in ranked)
     assert not T.pick(parts, T.TunePlan(view_configs=(config,), max_views=4, entropy_rises=(1.0,), agreements=(0.0,),
-                                        top_ks=(0,), skip_entropies=(0.0,)), ("clean", "blur"))
+                                        top_ks=(0,), skip_entropies=(0.0,), shift_se=0.0), ("clean", "blur"))
+
+
+def test_rule_bounds_each_shift_by_its_standard_error() -> None:
+    """A candidate that flips many answers both ways on one shift passes the point bound (-0 points) but
+    not the bound less one standard error; one that changes a single answer for the better passes both."""
+    n = 40
+    labels = torch.zeros(n, dtype=torch.long)
+    zs = torch.tensor([0] * 20 + [1] * 20)
+    rank = torch.tensor([[0, 1, 2]] * 20 + [[1, 0, 2]] * 20)
+    calm = (torch.zeros(n), torch.ones(n))
+    wild = AdaptSettings(method="gs_bias", views=16, crop_scale=(0.5, 1.0), augmix=False)
+    mild = wild.replace(method="zero")
+    churn = torch.tensor([1] * 10 + [0] * 10 + [0] * 10 + [1] * 10)  # 10 right answers lost, 10 won: gain 0
+    better = zs.clone()
+    better[20] = 0  # one more right
+
+    def part(a: Tensor) -> T.Scores:
+        return T.Scores(labels, zs, rank, torch.ones(n), {16: calm}, {wild: a, mild: better})
+
+    config = ((0.5, 1.0), False)
+    parts = {(config, "clean"): part(torch.zeros(n, dtype=torch.long)), (config, "blur"): part(churn)}
+    grid = dict(view_configs=(config,), entropy_rises=(1.0,), agreements=(0.0,), top_ks=(0,), skip_entropies=(0.0,))
+    point = T.pick(parts, T.TunePlan(**grid, shift_se=0.0), ("clean", "blur"))
+    assert point[0].settings.method == "gs_bias" and point[0].gains["blur"] == pytest.approx(0.0)
+    assert point[0].errors["blur"] == pytest.approx(100.0 * (20 / 39) ** 0.5 / 40 ** 0.5)
+    bounded = T.pick(parts, T.TunePlan(**grid), ("clean", "blur"))
+    assert [p.settings.method for p in bounded] == ["zero"]
+    assert bounded[0].gains == {"clean": pytest.approx(2.5), "blur": pytest.approx(2.5)}
 
 
 def test_rounds_take_one_image_per_class_seeded(tmp_path: Path) -> None:
@@ -187,7 +217,7 @@ def test_cli_writes_a_config_the_server_serves(folder: Path, tiny_spec, tmp_path
     rec = doc["tuned"]
     assert rec["images"] == {"tune": 6, "held_out": 3}  # the budget allows the minimum: 3 rounds
     assert rec["candidates_scored"] > 100 and rec["accepted"] in (True, False)
-    assert set(rec["tune_part"] or {}) <= {"gain_per_shift", "mean_gain", "views_per_image"}
+    assert set(rec["tune_part"] or {}) <= {"gain_per_shift", "standard_error", "mean_gain", "views_per_image"}
     cfg = load_config(out)  # the record does not upset the server's config reader
     block = cfg.models[0].adaptation
     settings = settings_from_dict(dict(block))  # every setting written, valid
