@@ -6,7 +6,8 @@ One run, two parts:
             SUITE): edge zero-shot, edge GS-Bias (the W8A8 bundle, compression/edge_tta.py) and torch
             GS-Bias (fp32, the served loop), all with the bundle's recorded adaptation
             block (examples/cifar-clip.yaml's: gate, chunks, crops). Image i is corrupted and its views
-            drawn with seed + i on both paths (different RNGs: numpy on the edge, torch there).
+            drawn with seed + i on both paths (different RNGs: numpy on the edge, torch there;
+            `--same-views` gives the edge the torch path's crop and flip draws, a control).
   cost      per image at --views V (default 32 and 64), GS-Bias over all V views (no gate, no early
             stop): render, encode, adapt and the wall time of the whole path (rendering overlapped
             with encoding on both), against "the encoder over its views" (view 0 with patches + the
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import concurrent.futures
+import dataclasses
 import json
 import platform
 import statistics
@@ -34,9 +36,10 @@ import torch
 from adaptclip.adapt.data import decode_shifted, load_folder
 from adaptclip.adapt.methods import adapt_views
 from adaptclip.adapt.shifts import SHIFT_NAMES, get_shift
-from adaptclip.adapt.views import render_views
+from adaptclip.adapt.views import ViewGenerator, render_views
 from adaptclip.compression.edge_model import EdgeModel
 from adaptclip.compression.edge_tta import EdgeAdapter, edge_settings
+from adaptclip.compression.edge_views import ViewParams, ViewRenderer
 from adaptclip.compression.models import ModelSpec, load_model
 from adaptclip.server.config import BatchingConfig
 from adaptclip.server.hosting import Hosted
@@ -54,6 +57,9 @@ def accuracy(args: argparse.Namespace, edge: EdgeModel, hosted, log) -> dict:
     pool = concurrent.futures.ThreadPoolExecutor(2)
     seconds = {"torch": 0.0, "edge": 0.0}
     with EdgeAdapter(edge, base) as adapter:
+        if args.same_views:
+            adapter.renderer = TorchDrawnRenderer(adapter.renderer, hosted, base)
+            out["same_views"] = True
         for shift in shifts:
             hits = dict.fromkeys(("edge_zero_shot", "edge_gs_bias", "torch_zero_shot", "torch_gs_bias"), 0)
             views = {"edge": 0, "torch": 0}
@@ -85,6 +91,25 @@ def accuracy(args: argparse.Namespace, edge: EdgeModel, hosted, log) -> dict:
     out["mean"] = {k: statistics.mean(r[k] for r in rows) for k in hits}
     out["edge_minus_torch_gs_bias"] = out["mean"]["edge_gs_bias"] - out["mean"]["torch_gs_bias"]
     return out
+
+
+class TorchDrawnRenderer(ViewRenderer):
+    """The edge renderer with the torch path's draws (its ViewGenerator, seeded alike): both paths then
+    crop and flip the same boxes, so their gap is INT8 and resampling, not which views were drawn.
+    Crops and flips only: AugMix's draws are not mapped."""
+
+    def __init__(self, base: ViewRenderer, model, s) -> None:
+        if s.use_augmix:
+            raise ValueError("--same-views maps crops and flips only: run it with AugMix off")
+        self.__dict__.update(base.__dict__)
+        self.torch_views = ViewGenerator(model.image_size, model.mean, model.std, crop_scale=s.crop_scale, augmix=False)
+
+    def sample(self, rng: np.random.Generator, n: int, height: int, width: int) -> ViewParams:
+        seed = int(rng.bit_generator.seed_seq.entropy)  # EdgeAdapter seeds default_rng with the view seed
+        drawn = self.torch_views.plan(torch.zeros(3, height, width), torch.zeros(3, self.image_size, self.image_size),
+                                      n + 1, seed).params
+        return dataclasses.replace(super().sample(rng, n, height, width), flip=drawn.flip.numpy(),
+                                   boxes=np.asarray(drawn.boxes, np.int64).reshape(n, 4))
 
 
 def _torch_path(hosted_model, images, s, classifier, pool, timed: bool = True) -> list[dict]:
@@ -195,6 +220,8 @@ def main() -> None:
     p.add_argument("--skip-cost", action="store_true")
     p.add_argument("--reseed", type=int, default=0,
                    help="also run torch GS-Bias with views drawn from seed + i + RESEED (a noise control)")
+    p.add_argument("--same-views", action="store_true",
+                   help="the edge renders the torch path's crop and flip draws (a control: the gap without view luck)")
     p.add_argument("--threads", type=int, default=2, help="torch and onnxruntime intra-op threads, both")
     p.add_argument("--out", required=True)
     args = p.parse_args()

@@ -105,18 +105,22 @@ def run(args: argparse.Namespace) -> int:
 def model_entry(spec: Any, name: str | None, chosen: Any) -> dict[str, Any]:
     """The model's config entry with every picked setting in its `adaptation:` block (the seed aside), so
     later changes to the untuned defaults do not change what was tuned."""
-    from adaptclip.adapt.settings import AdaptSettings
-
-    block = {f.name: getattr(chosen, f.name) for f in dataclasses.fields(AdaptSettings) if f.name != "seed"}
-    block = {k: list(v) if isinstance(v, tuple) else v for k, v in block.items()}
     entry: dict[str, Any] = {"model": spec.model, "pretrained": spec.pretrained}
     if name or spec.name:
         entry["name"] = name or spec.name
     for key in ("device", "precision", "keep_rate", "kernels"):
         if getattr(spec, key) != getattr(type(spec)(), key):
             entry[key] = getattr(spec, key)
-    entry["adaptation"] = block
+    entry["adaptation"] = settings_block(chosen)
     return entry
+
+
+def settings_block(s: Any) -> dict[str, Any]:
+    """Every AdaptSettings field but the seed, YAML-ready."""
+    from adaptclip.adapt.settings import AdaptSettings
+
+    block = {f.name: getattr(s, f.name) for f in dataclasses.fields(AdaptSettings) if f.name != "seed"}
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in block.items()}
 
 
 def record(result: Any, args: argparse.Namespace, plan: Any) -> dict[str, Any]:
@@ -130,12 +134,14 @@ def record(result: Any, args: argparse.Namespace, plan: Any) -> dict[str, Any]:
     return {
         "rule": f"largest mean gain over zero-shot on the tune part, every shift's gain less {plan.shift_se:g} paired "
                 f"standard error(s) >= {plan.min_shift_gain:g} points, <= {plan.max_views:g} views per image; checked "
-                f"on the held-out part: every shift's gain >= {plan.min_shift_gain:g}, mean >= 0, the same views bound",
+                f"on the held-out part: every shift's gain plus {plan.shift_se:g} standard error(s) >= "
+                f"{plan.min_shift_gain:g}, mean >= 0, the same views bound",
         "accepted": result.accepted, "data": str(args.data_dir), "seed": args.seed, "minutes": args.minutes,
         "per_class": args.per_class,
         "images": {"tune": result.images[0], "held_out": result.images[1]},
         "candidates_scored": result.candidates, "encoder_ms_per_view": round(result.ms_per_view, 2),
         "seconds": round(result.seconds, 1),
+        "pick": None if result.pick is None else settings_block(result.pick.settings),  # served only if accepted
         "tune_part": None if result.pick is None else {
             "gain_per_shift": gains(result.pick), "standard_error": errors(result.pick),
             "mean_gain": round(result.pick.mean_gain, 2),

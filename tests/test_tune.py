@@ -218,9 +218,22 @@ def test_cli_writes_a_config_the_server_serves(folder: Path, tiny_spec, tmp_path
     assert rec["images"] == {"tune": 6, "held_out": 3}  # the budget allows the minimum: 3 rounds
     assert rec["candidates_scored"] > 100 and rec["accepted"] in (True, False)
     assert set(rec["tune_part"] or {}) <= {"gain_per_shift", "standard_error", "mean_gain", "views_per_image"}
+    if rec["accepted"]:  # the record names the pick; the served block is it exactly when it was accepted
+        assert rec["pick"] == doc["models"][0]["adaptation"]
     cfg = load_config(out)  # the record does not upset the server's config reader
     block = cfg.models[0].adaptation
     settings = settings_from_dict(dict(block))  # every setting written, valid
     assert settings.method in ("none", "gs_bias", "zero") and block["gate_entropy_rise"] == settings.gate_entropy_rise
     assert "wrote" in capsys.readouterr().err
     assert cli.main(argv[:-2] + ["-o", str(tmp_path / "missing" / "x.yaml")]) == 2
+
+
+def test_held_out_check_fails_only_on_evidence_against_the_bound() -> None:
+    plan = T.TunePlan(view_configs=())
+    s = AdaptSettings(method="gs_bias")
+    noisy = T.Pick(s, {"clean": 3.0, "blur": -1.5}, 30.0, {"clean": 2.0, "blur": 1.9})  # -1.5 + 1.9 >= -1
+    assert T.passes(noisy, plan)
+    assert not T.passes(T.Pick(s, {"clean": 3.0, "blur": -2.5}, 30.0, {"clean": 2.0, "blur": 1.0}), plan)
+    assert not T.passes(T.Pick(s, {"clean": -1.0, "blur": 0.5}, 30.0, {"clean": 3.0, "blur": 3.0}), plan)  # mean < 0
+    assert not T.passes(T.Pick(s, {"clean": 3.0}, 65.0, {"clean": 1.0}), plan)  # over max_views
+    assert not T.passes(noisy, T.TunePlan(view_configs=(), shift_se=0.0))  # the point estimate alone
