@@ -8,13 +8,18 @@ results, since the gate only chooses between an image's adapted and zero-shot an
 
     among candidates whose gain over zero-shot, less `shift_se` standard errors, is >= `min_shift_gain`
     on every shift and whose mean views encoded per image are <= `max_views`, the largest mean gain over
-    the shifts; ties go to fewer views encoded, then to the earlier candidate in the grid.
+    the shifts; ties go to fewer views encoded, then to the earlier candidate in the grid. Candidates
+    within `mean_se` standard errors of the best mean gain count as tied with it, and of those the one
+    whose worst shift (less its margin) is best wins: the one-standard-error rule of model selection,
+    with "most robust" for "simplest".
 
 The standard error is the paired one (per image: adapted right minus zero-shot right), so the bound
 holds for the shift's population, not only its sample: a candidate that flips many answers either way
 needs a margin, one that changes little (milder views, a gate that falls back) does not. Without it
 the best of thousands of candidates passes the bound on a small sample by chance, and a shift the
-suite does not show (strong blur) is where that luck runs out.
+suite does not show (strong blur) is where that luck runs out. For the same reason a mean gain a
+standard error below the best is no evidence of a worse candidate, while a better worst shift is the
+one guard left for shifts no suite shows.
 
 The images are split per class into a tune part, where the rule picks, and a held-out part, where
 the pick is checked through `adapt.loop.adapt_image`, the loop the server runs (`passes`). When no
@@ -62,6 +67,7 @@ class TunePlan:
     skip_entropies: tuple[float, ...] = (0.0, 0.2, 0.4)
     min_shift_gain: float = -1.0  # points
     shift_se: float = 1.0  # standard errors of a shift's gain subtracted before the bound (0: the point estimate)
+    mean_se: float = 1.0  # standard errors below the best mean gain that still tie with it (0: the best mean wins)
     max_views: float = 64.0  # mean views encoded per image
     held_out: float = 1 / 3  # of each class
 
@@ -101,6 +107,7 @@ class Pick:
     gains: dict[str, float]  # shift -> points over zero-shot
     views_per_image: float
     errors: dict[str, float] = field(default_factory=dict)  # shift -> the gain's paired standard error, points
+    mean_error: float = 0.0  # the mean gain's standard error (per image: its gain averaged over the shifts)
 
     @property
     def mean_gain(self) -> float:
@@ -114,8 +121,12 @@ class Pick:
 def gain(right: Tensor, right_zero_shot: Tensor) -> tuple[float, float]:
     """(points over zero-shot, its paired standard error) from per-image correctness [N] (bool)."""
     d = right.float() - right_zero_shot.float()
-    se = float(d.std(correction=1)) / len(d) ** 0.5 if len(d) > 1 else 0.0
-    return 100.0 * float(d.mean()), 100.0 * se
+    return 100.0 * float(d.mean()), _se(d)
+
+
+def _se(d: Tensor) -> float:
+    """Standard error of the mean of per-image differences [N], in points."""
+    return 100.0 * float(d.std(correction=1)) / len(d) ** 0.5 if len(d) > 1 else 0.0
 
 
 def rounds(data: Dataset, seed: int) -> list[list[int]]:
@@ -205,17 +216,23 @@ def pick(parts: dict[tuple[ViewConfig, str], Scores], plan: TunePlan, shifts: tu
             if (c.crop_scale, c.augmix) != config:
                 continue
             for gate in gate_grid(plan):
-                gains, errors, views = {}, {}, 0.0
+                gains, errors, views, per_image = {}, {}, 0.0, 0.0
                 for shift in shifts:
                     sc = parts[(config, shift)]
                     final, n = gated(sc, c, gate)
                     gains[shift], errors[shift] = gain(final == sc.labels, sc.zero_shot == sc.labels)
+                    per_image = per_image + ((final == sc.labels).float() - (sc.zero_shot == sc.labels).float()) / len(shifts)
                     views += float(n.mean()) / len(shifts)
                 order += 1
-                p = Pick(with_gate(c, gate), gains, views, errors)
+                p = Pick(with_gate(c, gate), gains, views, errors, _se(per_image))
                 if min(p.bounds(plan.shift_se).values()) >= plan.min_shift_gain and views <= plan.max_views:
                     passing.append((-p.mean_gain, views, order, p))
-    return [p for *_, p in sorted(passing, key=lambda t: t[:3])]
+    ranked = [p for *_, p in sorted(passing, key=lambda t: t[:3])]
+    if not ranked:
+        return ranked
+    floor = ranked[0].mean_gain - plan.mean_se * ranked[0].mean_error
+    tied = sorted((p for p in ranked if p.mean_gain >= floor), key=lambda p: -min(p.bounds(plan.shift_se).values()))
+    return tied + [p for p in ranked if p.mean_gain < floor]  # sorted() is stable: mean, views, grid order next
 
 
 def check(model: EncoderModel, parts: dict[str, list[ImageFeatures]], classifier: Tensor, s: AdaptSettings) -> Pick:

@@ -133,7 +133,8 @@ def record(result: Any, args: argparse.Namespace, plan: Any) -> dict[str, Any]:
 
     return {
         "rule": f"largest mean gain over zero-shot on the tune part, every shift's gain less {plan.shift_se:g} paired "
-                f"standard error(s) >= {plan.min_shift_gain:g} points, <= {plan.max_views:g} views per image; checked "
+                f"standard error(s) >= {plan.min_shift_gain:g} points, <= {plan.max_views:g} views per image; of the "
+                f"candidates within {plan.mean_se:g} standard error(s) of the best mean, the best worst shift; checked "
                 f"on the held-out part: every shift's gain plus {plan.shift_se:g} standard error(s) >= "
                 f"{plan.min_shift_gain:g}, mean >= 0, the same views bound",
         "accepted": result.accepted, "data": str(args.data_dir), "seed": args.seed, "minutes": args.minutes,
@@ -144,7 +145,7 @@ def record(result: Any, args: argparse.Namespace, plan: Any) -> dict[str, Any]:
         "pick": None if result.pick is None else settings_block(result.pick.settings),  # served only if accepted
         "tune_part": None if result.pick is None else {
             "gain_per_shift": gains(result.pick), "standard_error": errors(result.pick),
-            "mean_gain": round(result.pick.mean_gain, 2),
+            "mean_gain": round(result.pick.mean_gain, 2), "mean_gain_standard_error": round(result.pick.mean_error, 2),
             "views_per_image": round(result.pick.views_per_image, 1)},
         "held_out_part": None if result.check is None else {
             "gain_per_shift": gains(result.check), "standard_error": errors(result.check),

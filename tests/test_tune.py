@@ -127,13 +127,13 @@ def test_rule_prefers_mean_gain_within_bounds_then_fewer_views() -> None:
     config = ((0.5, 1.0), False)
     parts = {(config, "clean"): part(9, 11), (config, "blur"): part(18, 12)}
     plan = T.TunePlan(view_configs=(config,), entropy_rises=(1.0,), agreements=(0.0,), top_ks=(0,), skip_entropies=(0.0,),
-                      shift_se=0.0)
+                      shift_se=0.0, mean_se=0.0)
     ranked = T.pick(parts, plan, ("clean", "blur"))
     assert ranked[0].settings.method == "zero" and ranked[0].settings.views == 8  # a breaks the -1 bound
     assert ranked[0].gains == {"clean": pytest.approx(5.0), "blur": pytest.approx(10.0)}
     assert all(p.settings.method != "gs_bias" for p in ranked)
     assert not T.pick(parts, T.TunePlan(view_configs=(config,), max_views=4, entropy_rises=(1.0,), agreements=(0.0,),
-                                        top_ks=(0,), skip_entropies=(0.0,), shift_se=0.0), ("clean", "blur"))
+                                        top_ks=(0,), skip_entropies=(0.0,), shift_se=0.0, mean_se=0.0), ("clean", "blur"))
 
 
 def test_rule_bounds_each_shift_by_its_standard_error() -> None:
@@ -156,10 +156,10 @@ def test_rule_bounds_each_shift_by_its_standard_error() -> None:
     config = ((0.5, 1.0), False)
     parts = {(config, "clean"): part(torch.zeros(n, dtype=torch.long)), (config, "blur"): part(churn)}
     grid = dict(view_configs=(config,), entropy_rises=(1.0,), agreements=(0.0,), top_ks=(0,), skip_entropies=(0.0,))
-    point = T.pick(parts, T.TunePlan(**grid, shift_se=0.0), ("clean", "blur"))
+    point = T.pick(parts, T.TunePlan(**grid, shift_se=0.0, mean_se=0.0), ("clean", "blur"))
     assert point[0].settings.method == "gs_bias" and point[0].gains["blur"] == pytest.approx(0.0)
     assert point[0].errors["blur"] == pytest.approx(100.0 * (20 / 39) ** 0.5 / 40 ** 0.5)
-    bounded = T.pick(parts, T.TunePlan(**grid), ("clean", "blur"))
+    bounded = T.pick(parts, T.TunePlan(**grid, mean_se=0.0), ("clean", "blur"))
     assert [p.settings.method for p in bounded] == ["zero"]
     assert bounded[0].gains == {"clean": pytest.approx(2.5), "blur": pytest.approx(2.5)}
 
@@ -217,7 +217,8 @@ def test_cli_writes_a_config_the_server_serves(folder: Path, tiny_spec, tmp_path
     rec = doc["tuned"]
     assert rec["images"] == {"tune": 6, "held_out": 3}  # the budget allows the minimum: 3 rounds
     assert rec["candidates_scored"] > 100 and rec["accepted"] in (True, False)
-    assert set(rec["tune_part"] or {}) <= {"gain_per_shift", "standard_error", "mean_gain", "views_per_image"}
+    assert set(rec["tune_part"] or {}) <= {"gain_per_shift", "standard_error", "mean_gain", "mean_gain_standard_error",
+                                           "views_per_image"}
     if rec["accepted"]:  # the record names the pick; the served block is it exactly when it was accepted
         assert rec["pick"] == doc["models"][0]["adaptation"]
     cfg = load_config(out)  # the record does not upset the server's config reader
@@ -226,6 +227,38 @@ def test_cli_writes_a_config_the_server_serves(folder: Path, tiny_spec, tmp_path
     assert settings.method in ("none", "gs_bias", "zero") and block["gate_entropy_rise"] == settings.gate_entropy_rise
     assert "wrote" in capsys.readouterr().err
     assert cli.main(argv[:-2] + ["-o", str(tmp_path / "missing" / "x.yaml")]) == 2
+
+
+def test_rule_takes_the_most_robust_of_the_candidates_tied_with_the_best_mean() -> None:
+    """Within one standard error of the best mean gain is a tie, and of the tied the better worst shift
+    wins; a candidate clearly below the best mean is not preferred, however safe."""
+    n = 200
+    labels = torch.zeros(n, dtype=torch.long)
+    zs = torch.tensor([0] * 100 + [1] * 100)  # 50 % right
+    rank = torch.tensor([[0, 1, 2]] * 100 + [[1, 0, 2]] * 100)
+    calm = (torch.zeros(n), torch.ones(n))
+    bold = AdaptSettings(method="gs_bias", views=16, crop_scale=(0.5, 1.0), augmix=False)
+    safe, timid = bold.replace(method="zero"), bold.replace(method="zero", views=8)
+
+    def answers(lost: int, won: int) -> Tensor:  # zero-shot's answers, `lost` right ones lost, `won` wrong ones won
+        out = zs.clone()
+        out[:lost] = 1
+        out[100:100 + won] = 0
+        return out
+
+    def part(b: Tensor, s: Tensor, t: Tensor) -> T.Scores:
+        return T.Scores(labels, zs, rank, torch.ones(n), {16: calm, 8: calm}, {bold: b, safe: s, timid: t})
+
+    config = ((0.5, 1.0), False)
+    parts = {(config, "clean"): part(answers(0, 18), answers(0, 12), answers(0, 6)),  # +9, +6, +3 points
+             (config, "blur"): part(answers(1, 1), answers(0, 4), answers(0, 6))}  # +0, +2, +3
+    grid = dict(view_configs=(config,), entropy_rises=(1.0,), agreements=(0.0,), top_ks=(0,), skip_entropies=(0.0,))
+    by_mean = T.pick(parts, T.TunePlan(**grid, mean_se=0.0), ("clean", "blur"))
+    assert [p.settings for p in by_mean] == [bold, safe, timid]
+    assert [p.mean_gain for p in by_mean] == pytest.approx([4.5, 4.0, 3.0])
+    assert 0.5 < by_mean[0].mean_error < 1.5  # safe is within one standard error of bold, timid is not
+    robust = T.pick(parts, T.TunePlan(**grid), ("clean", "blur"))
+    assert [p.settings for p in robust] == [safe, bold, timid]
 
 
 def test_held_out_check_fails_only_on_evidence_against_the_bound() -> None:
