@@ -25,6 +25,7 @@ import asyncio
 import concurrent.futures
 import dataclasses
 import json
+import os
 import platform
 import statistics
 import time
@@ -231,8 +232,9 @@ def main() -> None:
     def log(msg: str) -> None:
         print(f"[{time.perf_counter() - started:7.1f} s] {msg}", flush=True)
 
-    result: dict = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": torch.get_num_threads(),
-                                "note": "shared 2-core machine, other benchmarks running"}, "command": vars(args)}
+    result: dict = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                                "threads": torch.get_num_threads(), "load_average_at_start": os.getloadavg()},
+                    "command": vars(args)}
     cifar_edge = EdgeModel(args.cifar_bundle, ["CPUExecutionProvider"], args.threads)
     cifar = load_model(ModelSpec(model=args.cifar_model, pretrained=args.cifar_pretrained, device="cpu"))
     if not args.skip_accuracy:
@@ -249,6 +251,7 @@ def main() -> None:
     b32 = load_model(ModelSpec(model="ViT-B-32", device="cpu", random_init=True))
     big = [img.resize((256, 256)) for img in images]  # CIFAR's 32 px upscaled: 224-px views need that much
     result["cost"]["vit_b_32"] = cost("vit_b_32", b32_edge, b32, big, views_list, log)
+    result["machine"]["load_average_at_end"] = os.getloadavg()
     Path(args.out).write_text(json.dumps(result, indent=1, default=str))
     log(f"wrote {args.out}")
 
