@@ -96,8 +96,8 @@ def accuracy(args: argparse.Namespace, edge: EdgeModel, hosted, log) -> dict:
 
 class TorchDrawnRenderer(ViewRenderer):
     """The edge renderer with the torch path's draws (its ViewGenerator, seeded alike): both paths then
-    crop and flip the same boxes, so their gap is INT8 and resampling, not which views were drawn.
-    Crops and flips only: AugMix's draws are not mapped."""
+    crop and flip the same boxes (the rendered views come out equal: BENCHMARKS.md), so their gap is
+    the INT8 bundle, not which views were drawn. Crops and flips only: AugMix's draws are not mapped."""
 
     def __init__(self, base: ViewRenderer, model, s) -> None:
         if s.use_augmix:
