@@ -39,10 +39,14 @@ class BatchResult:
 
 
 class Batcher:
-    """Collects items for up to `max_delay_s` or `max_batch` images, encodes them in one call.
+    """Encodes what waits, up to `max_batch` images, in one call, whenever the encoder is free.
 
-    The encoder runs on one dedicated thread so the event loop stays free. Items whose caller
-    went away (cancelled, deadline passed) are dropped before they reach the encoder.
+    With `max_delay_s` 0 (the default, TEI's policy) a batch never waits for more: a lone request runs
+    at once, and whatever arrives while the encoder works forms the next batch, so batches grow with
+    the load by themselves. A positive `max_delay_s` also waits up to that long for a batch to fill,
+    trading latency for larger batches when many small requests trickle in. The encoder runs on one
+    dedicated thread so the event loop stays free. Items whose caller went away (cancelled, deadline
+    passed) are dropped before they reach the encoder.
     """
 
     def __init__(self, encode: EncodeFn, *, max_batch: int, max_delay_s: float, max_queue: int,
@@ -134,7 +138,8 @@ class Batcher:
         return None, False
 
     async def _next_batch(self) -> list[_Item]:
-        """The oldest live item, then items of the same keep rate arriving within the delay, up to max_batch."""
+        """The oldest live item, then the waiting items of its keep rate and those arriving within the
+        delay (none with delay 0), up to max_batch."""
         loop = asyncio.get_running_loop()
         while True:
             while not self._pending:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 import torch
@@ -42,6 +43,32 @@ def test_concurrent_items_share_one_batch_and_get_their_rows():
     assert rec.calls == [(5, 1.0)]
     assert [r.features[0, 0].item() for r in results] == [0, 1, 2, 3, 4]
     assert all(r.batch_size == 5 for r in results)
+
+
+def test_no_delay_a_lone_item_runs_at_once_and_later_ones_batch_behind_the_encoder():
+    """Delay 0: the first item does not wait for company; the three that arrive while it encodes share
+    the next call. With a delay the same first item waits for the others and all four share one call."""
+    started = []
+
+    def slow(images: torch.Tensor, with_patches: bool, keep_rate: float):
+        started.append(images.shape[0])
+        time.sleep(0.05)
+        return images.flatten(1)[:, :4], None
+
+    async def go(delay: float):
+        b = Batcher(slow, max_batch=8, max_delay_s=delay, max_queue=100)
+        b.start()
+        try:
+            first = asyncio.ensure_future(b.submit(_img(0)))
+            await asyncio.sleep(0.01)  # the first is encoding (delay 0) or still waiting (delay 1 s)
+            rest = await asyncio.gather(*(b.submit(_img(i)) for i in (1, 2, 3)))
+            return [(await first).batch_size, *(r.batch_size for r in rest)]
+        finally:
+            await b.close()
+
+    assert asyncio.run(go(0.0)) == [1, 3, 3, 3] and started == [1, 3]
+    started.clear()
+    assert asyncio.run(go(1.0)) == [4, 4, 4, 4] and started == [4]
 
 
 def test_max_batch_splits_and_oversized_item_runs_alone():
