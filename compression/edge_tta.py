@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Self
@@ -117,6 +117,8 @@ class EdgeAdapter:
         started = time.perf_counter()
         gs = s.method == "gs_bias"
         view0 = model.preprocess(image)
+        ahead = None if s.method == "none" or s.views < 2 else self._pool.submit(
+            self._prepare, image, s.seed if seed is None else seed)
         start = time.perf_counter()
         feat0, patches = model.encode(view0[None], with_patches=gs)
         times["encode_ms"] += 1000 * (time.perf_counter() - start)
@@ -131,7 +133,7 @@ class EdgeAdapter:
             report["skipped"] = True
             report["note"] = f"original view confident (normalised entropy {entropy:.3f} < {s.skip_entropy:g}): no views"
             return self._done(answer, started)
-        feats = self._views(image, feat0, report, times, s.seed if seed is None else seed)
+        feats = self._views(ahead, feat0, report, times)
         start = time.perf_counter()
         if feats.ndim == 2 and feats.shape[0] > 1 and gate_active(s):
             view_logits = model.logit_scale * _unit(feats) @ self.weights.T
@@ -152,23 +154,34 @@ class EdgeAdapter:
             report["note"] = f"{report['note']}; {note}" if report["note"] else note
         return self._done(answer, started)
 
-    def _views(self, image: Image.Image, feat0: np.ndarray, report: dict[str, Any], times: dict[str, float],
-               seed: int) -> np.ndarray:
-        """Features [n, D] of views 0..n-1 (view 0 fp32, the rest fp16-rounded), rendering piece k + 1
-        on the worker thread while piece k is encoded, stopping early as the loop does."""
-        s = self.s
+    def _prepare(self, image: Image.Image, seed: int) -> tuple[Callable[[int, int], tuple[np.ndarray, float]], Future]:
+        """On the worker while view 0 is encoded: the draws, and the first piece of views when no
+        confidence gate can skip them (as the server's ImageViews; a skipped image renders nothing).
+        Returns the piece renderer and the first piece's (views, seconds)."""
         pixels = self.renderer.prepare(image)
-        params = self.renderer.sample(np.random.default_rng(seed), s.views - 1, *pixels.shape[:2])
+        params = self.renderer.sample(np.random.default_rng(seed), self.s.views - 1, *pixels.shape[:2])
 
         def render(lo: int, hi: int) -> tuple[np.ndarray, float]:
             start = time.perf_counter()
             return self.renderer.render(pixels, params.select(lo - 1, hi - 1)), time.perf_counter() - start
 
+        first: Future = Future()
+        if self.s.skip_entropy <= 0.0:
+            first.set_result(render(*next(self._pieces())[:2]))
+        return render, first
+
+    def _views(self, ahead: Future | None, feat0: np.ndarray, report: dict[str, Any],
+               times: dict[str, float]) -> np.ndarray:
+        """Features [n, D] of views 0..n-1 (view 0 fp32, the rest fp16-rounded), rendering piece k + 1
+        on the worker thread while piece k is encoded, stopping early as the loop does."""
+        s = self.s
         pieces = list(self._pieces())
         feats = [feat0.astype(np.float32)]
-        if not pieces:  # one view: the method runs on the original alone, as the torch loop does
+        if ahead is None or not pieces:  # one view: the method runs on the original alone, as the torch loop does
             return feats[0]
-        pending: Future = self._pool.submit(render, *pieces[0][:2])
+        render, pending = ahead.result()
+        if not pending.done():
+            pending = self._pool.submit(render, *pieces[0][:2])
         for i, (lo, hi, chunk_end) in enumerate(pieces):
             views, render_s = pending.result()
             if i + 1 < len(pieces):

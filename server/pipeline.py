@@ -3,7 +3,8 @@
 `ImageViews` is the server's view source for `adapt.loop.adapt_image`: it decodes and renders only when
 something is missing, renders the views a piece at a time on the worker pool (piece k + 1 while piece
 k waits for the shared encoder batcher; the draws are made up front, `adapt.views.view_plan`, so any
-split gives the same views), and hands the cache what it computed. The loop itself (gate, chunks, early stop, method) is the one the
+split gives the same views; the plan, and the first piece when no confidence gate can skip the views,
+are drawn while view 0 is encoded), and hands the cache what it computed. The loop itself (gate, chunks, early stop, method) is the one the
 accuracy harness runs.
 """
 from __future__ import annotations
@@ -49,6 +50,7 @@ class ImageViews:
         self._img: Image.Image | None = None
         self._view0: Tensor | None = None
         self._plan: ViewPlan | None = None
+        self._ahead: asyncio.Future | None = None  # the view plan (and first piece) prepared during view 0's encode
         self.dirty = False
         self.decode_us = self.queue_us = self.encode_us = self.render_us = 0
 
@@ -63,7 +65,9 @@ class ImageViews:
         """View 0's features [D] (and patches when asked and available), encoding it if needed."""
         want = with_patches and self.hosted.model.has_patches
         if self.feats is None or (want and self.patches is None):
-            _, view0 = await self._decoded()
+            img, view0 = await self._decoded()
+            if self.feats is None and self.s.method != "none" and self.s.views > 1:
+                self._ahead = asyncio.get_running_loop().run_in_executor(self.pool, self._prepare, img, view0)
             r = await self.hosted.batcher.submit(view0.unsqueeze(0), self.timeout_s, with_patches=want,
                                                  keep_rate=self.keep_rate)
             self.queue_us += r.queue_us
@@ -80,14 +84,21 @@ class ImageViews:
         have = self.feats.shape[0]
         if have < n:
             loop = asyncio.get_running_loop()
+            first_piece = None
+            if self._ahead is not None:
+                first_piece, self._ahead = await self._ahead, None
             if self._plan is None:
                 img, view0 = await self._decoded()
                 self._plan = await loop.run_in_executor(self.pool, view_plan, self.hosted.model, img, view0, self.s)
-            step = min(RENDER_CHUNK, self.hosted.batcher.max_batch)
+            step = self._step()
             pieces = [(lo, min(lo + step, n)) for lo in range(have, n, step)]
             submitted: list[asyncio.Future] = []
             try:
-                rendering = loop.run_in_executor(self.pool, self._render, *pieces[0])
+                if first_piece is not None and have == 1 and first_piece.shape[0] == pieces[0][1] - 1:
+                    rendering = loop.create_future()
+                    rendering.set_result(first_piece)
+                else:
+                    rendering = loop.run_in_executor(self.pool, self._render, *pieces[0])
                 for i in range(len(pieces)):
                     part = await rendering
                     if i + 1 < len(pieces):
@@ -103,6 +114,18 @@ class ImageViews:
             self.feats = torch.cat([self.feats, *(r.features for r in results)])
             self.dirty = True
         return self.feats[:n]
+
+    def _step(self) -> int:
+        return min(RENDER_CHUNK, self.hosted.batcher.max_batch)
+
+    def _prepare(self, img: Image.Image, view0: Tensor) -> Tensor | None:
+        """Drawn while view 0 is encoded (the wait the loop's first decision costs): the view plan, and
+        the first piece of views when no confidence gate can skip them (otherwise only the plan, so a
+        skipped image costs no rendering)."""
+        self._plan = view_plan(self.hosted.model, img, view0, self.s)
+        if self.s.skip_entropy > 0.0:
+            return None
+        return self._render(1, min(1 + self._step(), self.s.views, 1 + (self.s.view_chunk or self.s.views)))
 
     def _render(self, lo: int, hi: int) -> Tensor:
         """Views lo..hi-1 on the CPU (a worker thread), timed."""

@@ -1,0 +1,78 @@
+"""The server's view source: views drawn while view 0 is encoded are the views the loop would have drawn,
+and an image the confidence gate skips renders none (on the server and on the edge)."""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import io
+
+import pytest
+import torch
+from bundles import tiny_bundle
+from conftest import LABELS, make_image
+from PIL import Image
+
+from adaptclip.adapt.settings import AdaptSettings
+from adaptclip.adapt.views import render_views
+from adaptclip.compression.edge_model import EdgeModel
+from adaptclip.compression.edge_tta import EdgeAdapter, edge_settings
+from adaptclip.compression.models import TorchModel
+from adaptclip.server.config import BatchingConfig
+from adaptclip.server.hosting import Hosted
+from adaptclip.server.pipeline import ImageViews, classify_image
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _image(seed: int = 0) -> Image.Image:
+    return Image.open(io.BytesIO(make_image(seed, (61, 47)))).convert("RGB")
+
+
+def _serve(model: TorchModel, s: AdaptSettings, img: Image.Image) -> ImageViews:
+    """One image through ImageViews + classify_image with a real batcher (max batch 4: several pieces)."""
+    classifier = model.classifier(LABELS, ("a photo of a {}.",))
+
+    async def main() -> ImageViews:
+        hosted = Hosted(model)
+        hosted.start(BatchingConfig(max_batch_size=4))
+        pool = concurrent.futures.ThreadPoolExecutor(2)
+        try:
+            view0 = model.preprocess(img)
+
+            async def decode():
+                return img, view0
+
+            views = ImageViews(hosted, s, decode, None, pool)
+            views.outcome = await classify_image(hosted, views, classifier, LABELS, s, pool)
+            return views
+        finally:
+            await hosted.close()
+            pool.shutdown()
+    return asyncio.run(main())
+
+
+@pytest.mark.parametrize("change", [{}, {"view_chunk": 3}, {"views": 2}])
+def test_views_drawn_during_view_zero_are_the_loops_views(hosted: TorchModel, change: dict) -> None:
+    s = AdaptSettings(method="gs_bias", views=10, crop_scale=(0.5, 1.0), augmix=False, seed=3).replace(**change)
+    img = _image()
+    views = _serve(hosted, s, img)
+    n = views.outcome.report.views_encoded
+    assert views.render_us > 0 and views.feats.shape[0] == n
+    want = hosted.encode_images(render_views(hosted, img, hosted.preprocess(img), s)[:n])[0]
+    torch.testing.assert_close(views.feats, want, atol=1e-5, rtol=1e-4)
+
+
+def test_a_skipped_image_renders_no_views(hosted: TorchModel, tmp_path) -> None:
+    s = AdaptSettings(method="gs_bias", views=10, crop_scale=(0.5, 1.0), augmix=False, skip_entropy=1.0)
+    views = _serve(hosted, s, _image())
+    assert views.outcome.report.skipped and views.render_us == 0 and views.feats.shape[0] == 1
+
+    bundle = tiny_bundle(hosted, tmp_path / "bundle", {"things": (LABELS, ("a photo of a {}.",))})
+    edge = EdgeModel(bundle)
+    rendered = []
+    with EdgeAdapter(edge, edge_settings({}, {"method": "gs_bias", "views": 10, "augmix": False,
+                                              "skip_entropy": 1.0})[0]) as adapter:
+        render = adapter.renderer.render
+        adapter.renderer.render = lambda *a: rendered.append(1) or render(*a)
+        answer = adapter.classify(_image())
+    assert answer.report["skipped"] and answer.timings_ms["render_ms"] == 0.0 and not rendered
