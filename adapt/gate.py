@@ -9,6 +9,12 @@ off at its neutral value, decide per image, after the views are encoded and befo
   this (1 = off: normalised entropies lie in [0, 1]);
 - `gate_agreement`: fall back when fewer than this fraction of the augmented views predict view 0's
   class (0 = off);
+- `gate_similarity`: fall back when the augmented views' features are on average closer than this
+  (cosine) to view 0's (1 = off). Views that barely differ from the original carry no evidence it
+  lacks, and the method's flips on them are coin tosses: that is what crops of a blurred image are
+  (on the CIFAR model the views of strongly blurred images sit at cosine 0.96-0.99 to the original,
+  clean ones at 0.88-0.95). The level is per model and per view setting, so `tune` draws its
+  candidates from the similarity of the clean images' views;
 - `gate_top_k`: keep the adapted answer only when its top-1 is among the zero-shot top-k (0 = off).
 
 The thresholds are per model: `adaptclip tune` picks them on labelled data (adapt/tune.py), and the
@@ -29,20 +35,24 @@ class ViewSignals:
 
     entropy_rise: float  # mean normalised entropy of views 1.. minus view 0's
     agreement: float  # fraction of views 1.. whose top-1 is view 0's
+    similarity: float  # mean cosine of views 1..'s features to view 0's
 
 
-def signals(entropies: Sequence[float], tops: Sequence[int]) -> ViewSignals:
-    """Signals from the normalised entropies and top-1 classes of view 0 and its augmented views (V >= 2).
-    Plain numbers in, so the torch loop (adapt.loop.view_signals) and the numpy edge runner share it."""
-    if len(entropies) < 2 or len(entropies) != len(tops):
-        raise ValueError(f"need V >= 2 views' entropies and top-1s, got {len(entropies)} and {len(tops)}")
+def signals(entropies: Sequence[float], tops: Sequence[int], similarities: Sequence[float]) -> ViewSignals:
+    """Signals from the normalised entropies and top-1 classes of view 0 and its augmented views (V >= 2)
+    and the cosines of views 1.. to view 0. Plain numbers in, so the torch loop (adapt.loop.view_signals)
+    and the numpy edge runner share it."""
+    if len(entropies) < 2 or len(entropies) != len(tops) or len(similarities) != len(tops) - 1:
+        raise ValueError(f"need V >= 2 views' entropies and top-1s and V - 1 cosines, got {len(entropies)}, "
+                         f"{len(tops)} and {len(similarities)}")
     rest = len(entropies) - 1
-    return ViewSignals(sum(entropies[1:]) / rest - entropies[0], sum(t == tops[0] for t in tops[1:]) / rest)
+    return ViewSignals(sum(entropies[1:]) / rest - entropies[0], sum(t == tops[0] for t in tops[1:]) / rest,
+                       sum(similarities) / rest)
 
 
 def gate_active(s: AdaptSettings) -> bool:
     """Whether any of the view tests is switched on (the top-k test runs after the method)."""
-    return s.gate_entropy_rise < 1.0 or s.gate_agreement > 0.0
+    return s.gate_entropy_rise < 1.0 or s.gate_agreement > 0.0 or s.gate_similarity < 1.0
 
 
 def views_out_of_distribution(s: AdaptSettings, sig: ViewSignals) -> str:
@@ -51,6 +61,8 @@ def views_out_of_distribution(s: AdaptSettings, sig: ViewSignals) -> str:
         return f"views' entropy rose {sig.entropy_rise:+.3f} over the original's (> {s.gate_entropy_rise:g})"
     if sig.agreement < s.gate_agreement:
         return f"only {sig.agreement:.2f} of the views agree with the original (< {s.gate_agreement:g})"
+    if sig.similarity > s.gate_similarity:
+        return f"the views are {sig.similarity:.3f} alike to the original (> {s.gate_similarity:g}): nothing new in them"
     return ""
 
 

@@ -135,7 +135,8 @@ async def adapt_image(source: ViewSource, s: AdaptSettings, classifier: Tensor, 
             report.note = f"selected views agreed after {n} views"
             break
     if n > 1 and gate_active(s):
-        why = views_out_of_distribution(s, view_signals(logit_scale * F.normalize(feats, dim=-1) @ classifier.T))
+        unit = F.normalize(feats, dim=-1)
+        why = views_out_of_distribution(s, view_signals(logit_scale * unit @ classifier.T, unit))
         if why:
             return _fall_back(out, n, why, start)
     check_deadline(deadline, f"after {n} views, before {s.method}")
@@ -154,11 +155,13 @@ async def adapt_image(source: ViewSource, s: AdaptSettings, classifier: Tensor, 
     return out
 
 
-def view_signals(view_logits: Tensor) -> ViewSignals:
-    """The safety gate's signals from the logits [V, C] of view 0 and its augmented views."""
+def view_signals(view_logits: Tensor, unit_feats: Tensor) -> ViewSignals:
+    """The safety gate's signals from the logits [V, C] and unit features [V, D] of view 0 and its
+    augmented views."""
     logits = view_logits.float()
     norm = math.log(logits.shape[-1]) if logits.shape[-1] > 1 else 1.0
-    return signals((view_entropy(logits) / norm).tolist(), logits.argmax(-1).tolist())
+    unit = unit_feats.float()
+    return signals((view_entropy(logits) / norm).tolist(), logits.argmax(-1).tolist(), (unit[1:] @ unit[0]).tolist())
 
 
 def answer_top1(result: MethodResult) -> int:

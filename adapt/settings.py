@@ -56,6 +56,7 @@ class AdaptSettings:
     gate_entropy_rise: float = 1.0  # fall back when the views' entropy exceeds view 0's by more; 1 = off
     gate_agreement: float = 0.0  # fall back when fewer views agree with view 0's top-1; 0 = off
     gate_top_k: int = 0  # keep the adapted top-1 only within the zero-shot top-k; 0 = off
+    gate_similarity: float = 1.0  # fall back when the views' mean cosine to view 0 exceeds this; 1 = off
 
     @property
     def ratio(self) -> float:
@@ -108,6 +109,8 @@ class AdaptSettings:
             raise bad("gate_entropy_rise", f"must be in [0, 1], got {self.gate_entropy_rise}")
         if not 0.0 <= finite("gate_agreement", self.gate_agreement) <= 1.0:
             raise bad("gate_agreement", f"must be in [0, 1], got {self.gate_agreement}")
+        if not 0.0 <= finite("gate_similarity", self.gate_similarity) <= 1.0:
+            raise bad("gate_similarity", f"must be in [0, 1], got {self.gate_similarity}")
         if isinstance(self.gate_top_k, bool) or not isinstance(self.gate_top_k, int) or self.gate_top_k < 0:
             raise bad("gate_top_k", f"must be an int >= 0, got {self.gate_top_k!r}")
         return self

@@ -64,6 +64,9 @@ class TunePlan:
     entropy_rises: tuple[float, ...] = (1.0, 0.2, 0.1, 0.05, 0.0)
     agreements: tuple[float, ...] = (0.0, 0.25, 0.5)
     top_ks: tuple[int, ...] = (0, 2, 3)
+    # gate_similarity candidates: these quantiles of the clean tune images' view similarity (per view
+    # setting and view count: its level is the model's own), and 1 (off)
+    similarity_quantiles: tuple[float, ...] = (0.75, 0.9, 0.97)
     skip_entropies: tuple[float, ...] = (0.0, 0.2, 0.4)
     min_shift_gain: float = -1.0  # points
     shift_se: float = 1.0  # standard errors of a shift's gain subtracted before the bound (0: the point estimate)
@@ -97,7 +100,7 @@ class Scores:
     zero_shot: Tensor  # [N] zero-shot top-1
     zs_rank: Tensor  # [N, C] zero-shot classes best first
     entropy0: Tensor  # [N] view 0's normalised entropy
-    signals: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)  # views -> (entropy rise, agreement)
+    signals: dict[int, tuple[Tensor, Tensor, Tensor]] = field(default_factory=dict)  # views -> (rise, agreement, similarity)
     adapted: dict[AdaptSettings, Tensor] = field(default_factory=dict)  # candidate -> [N] top-1
 
 
@@ -167,9 +170,10 @@ def score(images: list[ImageFeatures], candidates: list[AdaptSettings], classifi
     sc = Scores(t([img.label for img in images]), logits[:, 0].argmax(-1),
                 torch.argsort(logits[:, 0], dim=-1, descending=True, stable=True),
                 t([normalized_entropy(row) for row in logits[:, 0]]))
+    unit = F.normalize(feats, dim=-1)
     for v in {c.views for c in candidates}:
-        sig = [view_signals(row[:v]) for row in logits]
-        sc.signals[v] = (t([g.entropy_rise for g in sig]), t([g.agreement for g in sig]))
+        sig = [view_signals(row[:v], u[:v]) for row, u in zip(logits, unit)]
+        sc.signals[v] = (t([g.entropy_rise for g in sig]), t([g.agreement for g in sig]), t([g.similarity for g in sig]))
     patches = None if images[0].source.patches is None else torch.stack(
         [patch_precision(img.source.patches) for img in images])
     for c in candidates:
@@ -185,29 +189,43 @@ def score(images: list[ImageFeatures], candidates: list[AdaptSettings], classifi
     return sc
 
 
-def gate_grid(plan: TunePlan) -> list[tuple[float, float, int, float]]:
-    return list(itertools.product(plan.entropy_rises, plan.agreements, plan.top_ks, plan.skip_entropies))
+Gate = tuple[float, float, int, float, float]  # entropy rise, agreement, top-k, skip entropy, similarity
 
 
-def gated(sc: Scores, c: AdaptSettings, gate: tuple[float, float, int, float]) -> tuple[Tensor, Tensor]:
+def similarity_levels(clean: Scores, views: int, plan: TunePlan) -> tuple[float, ...]:
+    """gate_similarity candidates for one view setting and view count: off, then the plan's quantiles of
+    the clean images' view similarity (rounded to 1e-4, as written to the config)."""
+    sim = clean.signals[views][2].double()
+    levels = [round(float(sim.quantile(q)), 4) for q in plan.similarity_quantiles] if len(sim) else []
+    return (1.0, *sorted(set(levels) - {1.0}, reverse=True))
+
+
+def gate_grid(plan: TunePlan, similarities: tuple[float, ...] = (1.0,)) -> list[Gate]:
+    return list(itertools.product(plan.entropy_rises, plan.agreements, plan.top_ks, plan.skip_entropies,
+                                  similarities))
+
+
+def gated(sc: Scores, c: AdaptSettings, gate: Gate) -> tuple[Tensor, Tensor]:
     """(final top-1 [N], views encoded [N]) under one gate, as adapt.loop decides them."""
-    rise_max, agree_min, top_k, skip = gate
-    rise, agree = sc.signals[c.views]
+    rise_max, agree_min, top_k, skip, sim_max = gate
+    rise, agree, sim = sc.signals[c.views]
     skipped = sc.entropy0 < skip
-    keep = ~skipped & (rise <= rise_max) & (agree >= agree_min)
+    keep = ~skipped & (rise <= rise_max) & (agree >= agree_min) & (sim <= sim_max)
     if 0 < top_k < sc.zs_rank.shape[1]:
         keep &= (sc.zs_rank[:, :top_k] == sc.adapted[c][:, None]).any(1)
     final = torch.where(keep, sc.adapted[c], sc.zero_shot)
     return final, torch.where(skipped, torch.ones_like(rise), torch.full_like(rise, float(c.views)))
 
 
-def with_gate(c: AdaptSettings, gate: tuple[float, float, int, float]) -> AdaptSettings:
-    rise, agree, top_k, skip = gate
-    return c.replace(gate_entropy_rise=rise, gate_agreement=agree, gate_top_k=top_k, skip_entropy=skip)
+def with_gate(c: AdaptSettings, gate: Gate) -> AdaptSettings:
+    rise, agree, top_k, skip, sim = gate
+    return c.replace(gate_entropy_rise=rise, gate_agreement=agree, gate_top_k=top_k, skip_entropy=skip,
+                     gate_similarity=sim)
 
 
 def pick(parts: dict[tuple[ViewConfig, str], Scores], plan: TunePlan, shifts: tuple[str, ...]) -> list[Pick]:
-    """Every (candidate, gate) that passes the rule's bounds, best first."""
+    """Every (candidate, gate) that passes the rule's bounds, best first (shifts[0]: the clean images,
+    whose view similarity sets the similarity gate's candidate levels)."""
     passing: list[tuple[float, float, int, Pick]] = []
     order = 0
     for config in plan.view_configs:
@@ -215,7 +233,7 @@ def pick(parts: dict[tuple[ViewConfig, str], Scores], plan: TunePlan, shifts: tu
         for c in first.adapted:
             if (c.crop_scale, c.augmix) != config:
                 continue
-            for gate in gate_grid(plan):
+            for gate in gate_grid(plan, similarity_levels(first, c.views, plan)):
                 gains, errors, views, per_image = {}, {}, 0.0, 0.0
                 for shift in shifts:
                     sc = parts[(config, shift)]
@@ -327,4 +345,4 @@ def tune(model: EncoderModel, data: Dataset, classifier: Tensor, plan: TunePlan,
     accepted = best is not None and (checked is None or passes(checked, plan))
     chosen = best.settings if accepted else model.adapt_defaults.replace(method="none")
     return TuneResult(chosen, best, checked, accepted, (len(tune_idx), len(check_idx)), 1000.0 * encode_s / max(1, views),
-                      time.perf_counter() - started, len(candidates) * len(gate_grid(plan)))
+                      time.perf_counter() - started, len(candidates) * len(gate_grid(plan)) * (1 + len(plan.similarity_quantiles)))

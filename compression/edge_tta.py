@@ -136,9 +136,11 @@ class EdgeAdapter:
         feats = self._views(ahead, feat0, report, times)
         start = time.perf_counter()
         if feats.ndim == 2 and feats.shape[0] > 1 and gate_active(s):
-            view_logits = model.logit_scale * _unit(feats) @ self.weights.T
+            unit = _unit(feats)
+            view_logits = model.logit_scale * unit @ self.weights.T
             entropies = edge_adapt.view_entropy(view_logits) / max(np.log(view_logits.shape[-1]), 1e-12)
-            why = views_out_of_distribution(s, signals(entropies.tolist(), view_logits.argmax(-1).tolist()))
+            why = views_out_of_distribution(s, signals(entropies.tolist(), view_logits.argmax(-1).tolist(),
+                                                       (unit[1:] @ unit[0]).tolist()))
             if why:
                 return self._fall_back(answer, why, start, started)
         logits, probs, steps = self._method(feats, None if patches is None else patches[0])

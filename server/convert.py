@@ -10,7 +10,8 @@ METHOD_NAMES = {pb.Adaptation.NONE: "none",
                 pb.Adaptation.GS_BIAS: "gs_bias", pb.Adaptation.ZERO: "zero", pb.Adaptation.TPT: "tpt"}
 METHOD_ENUMS = {name: enum for enum, name in METHOD_NAMES.items()}
 _OPTIONAL = ("views", "selection_ratio", "steps", "alpha", "beta", "spatial_top_k", "seed", "augmix",
-             "skip_entropy", "view_chunk", "gate_entropy_rise", "gate_agreement", "gate_top_k")
+             "skip_entropy", "view_chunk", "gate_entropy_rise", "gate_agreement", "gate_top_k",
+             "gate_similarity")
 
 
 def settings_from_request(msg: pb.Adaptation, defaults: AdaptSettings) -> AdaptSettings:
@@ -32,7 +33,8 @@ def settings_to_proto(s: AdaptSettings) -> pb.Adaptation:
                          alpha=s.alpha, beta=s.beta, spatial_top_k=s.spatial_top_k, seed=s.seed,
                          crop_scale_min=s.crop_scale[0], crop_scale_max=s.crop_scale[1], augmix=s.use_augmix,
                          skip_entropy=s.skip_entropy, view_chunk=s.view_chunk, gate_entropy_rise=s.gate_entropy_rise,
-                         gate_agreement=s.gate_agreement, gate_top_k=s.gate_top_k)
+                         gate_agreement=s.gate_agreement, gate_top_k=s.gate_top_k,
+                         gate_similarity=s.gate_similarity)
 
 
 def report_to_proto(r: Report) -> pb.AdaptationReport:

@@ -39,7 +39,7 @@ def result_key(feat_key: str, label_set_id: str, s: AdaptSettings) -> str:
     settings = {"method": s.method} if s.method == "none" else {
         "method": s.method, "ratio": s.ratio, "steps": s.steps, "alpha": s.alpha, "beta": s.beta,
         "top_k": s.spatial_top_k, "skip": s.skip_entropy, "chunk": s.view_chunk, "lr": s.tpt_lr,
-        "gate": [s.gate_entropy_rise, s.gate_agreement, s.gate_top_k]}
+        "gate": [s.gate_entropy_rise, s.gate_agreement, s.gate_top_k, s.gate_similarity]}
     return feat_key.replace(":features:", ":result:", 1) + f":{label_set_id}:{_digest(settings)}"
 
 

@@ -85,6 +85,7 @@ def _features(edge: EdgeModel, adapter: EdgeAdapter, image, seed: int) -> tuple[
 @pytest.mark.parametrize("change", [{"method": "gs_bias"}, {"method": "gs_bias", "view_chunk": 3, "steps": 3},
                                     {"method": "zero", "view_chunk": 4}, {"method": "gs_bias", "skip_entropy": 1.0},
                                     {"method": "gs_bias", "gate_agreement": 0.6}, {"method": "zero", "gate_top_k": 1},
+                                    {"method": "gs_bias", "gate_similarity": 0.95},
                                     {"method": "zero", "gate_entropy_rise": 0.0}])
 def test_edge_loop_equals_the_torch_loop_on_the_same_features(bundle: Path, images, change: dict) -> None:
     edge = EdgeModel(bundle)

@@ -125,9 +125,12 @@ def test_safety_gate_falls_back_after_the_views(client):
     assert shut.adaptation.fell_back and shut.adaptation.views_encoded == 8 and not shut.adaptation.skipped
     assert "safety gate" in shut.adaptation.note
     assert _logits(shut.top) == pytest.approx(_logits(shut.zero_shot_top))  # the zero-shot answer, not a cached one
+    alike = _classify(client, A(method=A.ZERO, views=8, seed=3, gate_similarity=0.0))  # any views are "too alike"
+    assert alike.adaptation.fell_back and "alike" in alike.adaptation.note
 
 
-@pytest.mark.parametrize("field,value", [("gate_entropy_rise", 2.0), ("gate_agreement", -1.0), ("gate_top_k", -2)])
+@pytest.mark.parametrize("field,value", [("gate_entropy_rise", 2.0), ("gate_agreement", -1.0), ("gate_top_k", -2),
+                                         ("gate_similarity", 1.5)])
 def test_gate_settings_checked_with_the_field_named(client, field, value):
     with pytest.raises(grpc.RpcError) as exc:
         _classify(client, A(method=A.GS_BIAS, views=8, **{field: value}))

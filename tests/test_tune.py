@@ -29,15 +29,18 @@ def _logits(rows: list[list[float]]) -> torch.Tensor:
 def test_signals_from_hand_made_logits() -> None:
     # view 0 confident on class 0; two views agree with it, one is uncertain and picks class 1
     logits = _logits([[1, 0, 0], [1, 0, 0], [1, 0, 0], [0, 0.01, 0]])
-    g = view_signals(logits)
-    assert g.agreement == pytest.approx(2 / 3)
+    feats = F.normalize(torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.6, 0.8], [0.0, 1.0]]), dim=-1)  # cosines 1, 0.6, 0
+    g = view_signals(logits, feats)
+    assert g.agreement == pytest.approx(2 / 3) and g.similarity == pytest.approx(1.6 / 3)
     assert g.entropy_rise > 0.2  # the uniform-ish view lifts the mean entropy
     s = AdaptSettings(method="gs_bias")
     assert views_out_of_distribution(s, g) == ""  # off by default in AdaptSettings()
     assert "entropy rose" in views_out_of_distribution(s.replace(gate_entropy_rise=0.1), g)
     assert "agree" in views_out_of_distribution(s.replace(gate_agreement=0.9), g)
+    assert "alike" in views_out_of_distribution(s.replace(gate_similarity=0.5), g)
+    assert views_out_of_distribution(s.replace(gate_similarity=0.55), g) == ""
     with pytest.raises(ValueError, match="V >= 2"):
-        view_signals(logits[:1])
+        view_signals(logits[:1], feats[:1])
     import adaptclip.adapt.gate as gate_module  # the edge runner imports it: no torch there
     assert "torch" not in gate_module.__dict__
 
@@ -50,7 +53,7 @@ def test_top_k_test() -> None:
 
 
 @pytest.mark.parametrize("field,value", [("gate_entropy_rise", 1.5), ("gate_agreement", -0.1), ("gate_top_k", -1),
-                                         ("gate_entropy_rise", float("nan"))])
+                                         ("gate_entropy_rise", float("nan")), ("gate_similarity", 1.1)])
 def test_gate_settings_validated_with_their_field(field: str, value: float) -> None:
     with pytest.raises(FieldError) as exc:
         settings_from_dict({field: value})
@@ -98,8 +101,12 @@ def test_tune_scoring_decides_as_the_served_loop() -> None:
     _, _, clf = _features(100)
     cands = [AdaptSettings(method=m, views=v, selection_ratio=0.3) for m in ("gs_bias", "zero") for v in (8, 16)]
     sc = T.score(images, cands, clf, SCALE)
+    plan = T.TunePlan(view_configs=(), similarity_quantiles=(0.5,))
     for c in cands:
-        for gate in [(1.0, 0.0, 0, 0.0), (0.05, 0.0, 0, 0.0), (1.0, 0.6, 0, 0.0), (1.0, 0.0, 2, 0.0), (1.0, 0.0, 0, 0.5)]:
+        off, median = T.similarity_levels(sc, c.views, plan)  # half the images' views are more alike
+        assert off == 1.0 and (sc.signals[c.views][2] > median).sum() == 6
+        for gate in [(1.0, 0.0, 0, 0.0, 1.0), (0.05, 0.0, 0, 0.0, 1.0), (1.0, 0.6, 0, 0.0, 1.0), (1.0, 0.0, 2, 0.0, 1.0),
+                     (1.0, 0.0, 0, 0.5, 1.0), (1.0, 0.0, 0, 0.0, median)]:
             final, views = T.gated(sc, c, gate)
             s = T.with_gate(c, gate)
             for j, img in enumerate(images):
@@ -114,7 +121,7 @@ def test_rule_prefers_mean_gain_within_bounds_then_fewer_views() -> None:
     labels = torch.zeros(n, dtype=torch.long)
     zs = torch.tensor([0] * 10 + [1] * 10)  # 50 % right
     rank = torch.tensor([[0, 1, 2]] * 10 + [[1, 0, 2]] * 10)
-    calm = (torch.zeros(n), torch.ones(n))
+    calm = (torch.zeros(n), torch.ones(n), torch.zeros(n))
     a = AdaptSettings(method="gs_bias", views=16, crop_scale=(0.5, 1.0), augmix=False)  # big gain, one shift -5
     b = a.replace(method="zero")  # small gain everywhere
     c = a.replace(method="zero", views=8)  # the same answers as b at fewer views
@@ -126,14 +133,38 @@ def test_rule_prefers_mean_gain_within_bounds_then_fewer_views() -> None:
 
     config = ((0.5, 1.0), False)
     parts = {(config, "clean"): part(9, 11), (config, "blur"): part(18, 12)}
-    plan = T.TunePlan(view_configs=(config,), entropy_rises=(1.0,), agreements=(0.0,), top_ks=(0,), skip_entropies=(0.0,),
+    plan = T.TunePlan(view_configs=(config,), entropy_rises=(1.0,), agreements=(0.0,), top_ks=(0,), skip_entropies=(0.0,), similarity_quantiles=(),
                       shift_se=0.0, mean_se=0.0)
     ranked = T.pick(parts, plan, ("clean", "blur"))
     assert ranked[0].settings.method == "zero" and ranked[0].settings.views == 8  # a breaks the -1 bound
     assert ranked[0].gains == {"clean": pytest.approx(5.0), "blur": pytest.approx(10.0)}
     assert all(p.settings.method != "gs_bias" for p in ranked)
     assert not T.pick(parts, T.TunePlan(view_configs=(config,), max_views=4, entropy_rises=(1.0,), agreements=(0.0,),
-                                        top_ks=(0,), skip_entropies=(0.0,), shift_se=0.0, mean_se=0.0), ("clean", "blur"))
+                                        top_ks=(0,), skip_entropies=(0.0,), similarity_quantiles=(), shift_se=0.0, mean_se=0.0), ("clean", "blur"))
+
+
+def test_similarity_gate_is_picked_at_a_clean_quantile_when_alike_views_lose() -> None:
+    """On "blur" the views are nearly the original (similarity 0.99) and the method loses; on clean they
+    differ (0.80-0.89) and it gains. The gate at a quantile of the clean similarity keeps the clean gain
+    and falls back on blur, so the rule picks it over the ungated candidate, which breaks the bound."""
+    n = 10
+    labels = torch.zeros(n, dtype=torch.long)
+    zs = torch.tensor([0] * 5 + [1] * 5)
+    rank = torch.tensor([[0, 1, 2]] * 5 + [[1, 0, 2]] * 5)
+    a = AdaptSettings(method="gs_bias", views=16, crop_scale=(0.5, 1.0), augmix=False)
+    clean_sim = torch.linspace(0.80, 0.89, n)
+
+    def part(sim: Tensor, adapted: Tensor) -> T.Scores:
+        return T.Scores(labels, zs, rank, torch.ones(n), {16: (torch.zeros(n), torch.ones(n), sim)}, {a: adapted})
+
+    config = ((0.5, 1.0), False)
+    parts = {(config, "clean"): part(clean_sim, torch.tensor([0] * 8 + [1] * 2)),  # +3 right
+             (config, "blur"): part(torch.full((n,), 0.99), torch.tensor([0] * 3 + [1] * 7))}  # -2 right
+    plan = T.TunePlan(view_configs=(config,), entropy_rises=(1.0,), agreements=(0.0,), top_ks=(0,),
+                      skip_entropies=(0.0,), similarity_quantiles=(0.97,), shift_se=0.0, mean_se=0.0)
+    ranked = T.pick(parts, plan, ("clean", "blur"))
+    assert len(ranked) == 1 and ranked[0].settings.gate_similarity == pytest.approx(0.8873, abs=1e-4)
+    assert ranked[0].gains == {"clean": pytest.approx(30.0), "blur": pytest.approx(0.0)}
 
 
 def test_rule_bounds_each_shift_by_its_standard_error() -> None:
@@ -143,7 +174,7 @@ def test_rule_bounds_each_shift_by_its_standard_error() -> None:
     labels = torch.zeros(n, dtype=torch.long)
     zs = torch.tensor([0] * 20 + [1] * 20)
     rank = torch.tensor([[0, 1, 2]] * 20 + [[1, 0, 2]] * 20)
-    calm = (torch.zeros(n), torch.ones(n))
+    calm = (torch.zeros(n), torch.ones(n), torch.zeros(n))
     wild = AdaptSettings(method="gs_bias", views=16, crop_scale=(0.5, 1.0), augmix=False)
     mild = wild.replace(method="zero")
     churn = torch.tensor([1] * 10 + [0] * 10 + [0] * 10 + [1] * 10)  # 10 right answers lost, 10 won: gain 0
@@ -155,7 +186,7 @@ def test_rule_bounds_each_shift_by_its_standard_error() -> None:
 
     config = ((0.5, 1.0), False)
     parts = {(config, "clean"): part(torch.zeros(n, dtype=torch.long)), (config, "blur"): part(churn)}
-    grid = dict(view_configs=(config,), entropy_rises=(1.0,), agreements=(0.0,), top_ks=(0,), skip_entropies=(0.0,))
+    grid = dict(view_configs=(config,), entropy_rises=(1.0,), agreements=(0.0,), top_ks=(0,), skip_entropies=(0.0,), similarity_quantiles=())
     point = T.pick(parts, T.TunePlan(**grid, shift_se=0.0, mean_se=0.0), ("clean", "blur"))
     assert point[0].settings.method == "gs_bias" and point[0].gains["blur"] == pytest.approx(0.0)
     assert point[0].errors["blur"] == pytest.approx(100.0 * (20 / 39) ** 0.5 / 40 ** 0.5)
@@ -194,7 +225,7 @@ def test_tune_is_deterministic_and_checks_its_pick(folder: Path, hosted, one_thr
     data = load_folder(folder)
     clf = hosted.classifier(data.classes, ("a photo of a {}.",))
     plan = T.TunePlan(view_configs=(((0.5, 1.0), False),), views=(4, 8), entropy_rises=(1.0, 0.1),
-                      agreements=(0.0, 0.5), top_ks=(0, 2), skip_entropies=(0.0,))
+                      agreements=(0.0, 0.5), top_ks=(0, 2), skip_entropies=(0.0,), similarity_quantiles=())
     first = T.tune(hosted, data, clf, plan, minutes=1e-4, seed=1)
     assert first.images == (6, 3)  # the budget allows the minimum, 3 rounds: the third is held out
     assert first.candidates == len(plan.method_settings(hosted.adapt_defaults)) * 8
@@ -236,7 +267,7 @@ def test_rule_takes_the_most_robust_of_the_candidates_tied_with_the_best_mean() 
     labels = torch.zeros(n, dtype=torch.long)
     zs = torch.tensor([0] * 100 + [1] * 100)  # 50 % right
     rank = torch.tensor([[0, 1, 2]] * 100 + [[1, 0, 2]] * 100)
-    calm = (torch.zeros(n), torch.ones(n))
+    calm = (torch.zeros(n), torch.ones(n), torch.zeros(n))
     bold = AdaptSettings(method="gs_bias", views=16, crop_scale=(0.5, 1.0), augmix=False)
     safe, timid = bold.replace(method="zero"), bold.replace(method="zero", views=8)
 
@@ -252,7 +283,7 @@ def test_rule_takes_the_most_robust_of_the_candidates_tied_with_the_best_mean() 
     config = ((0.5, 1.0), False)
     parts = {(config, "clean"): part(answers(0, 18), answers(0, 12), answers(0, 6)),  # +9, +6, +3 points
              (config, "blur"): part(answers(1, 1), answers(0, 4), answers(0, 6))}  # +0, +2, +3
-    grid = dict(view_configs=(config,), entropy_rises=(1.0,), agreements=(0.0,), top_ks=(0,), skip_entropies=(0.0,))
+    grid = dict(view_configs=(config,), entropy_rises=(1.0,), agreements=(0.0,), top_ks=(0,), skip_entropies=(0.0,), similarity_quantiles=())
     by_mean = T.pick(parts, T.TunePlan(**grid, mean_se=0.0), ("clean", "blur"))
     assert [p.settings for p in by_mean] == [bold, safe, timid]
     assert [p.mean_gain for p in by_mean] == pytest.approx([4.5, 4.0, 3.0])
