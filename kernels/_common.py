@@ -10,11 +10,20 @@ triton. `import torch` alone does not. A process that wants the kernels compiled
 """
 from __future__ import annotations
 
+import functools
+import threading
+from collections.abc import Callable
+from typing import Any
+
 import torch
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Triton's CPU interpreter keeps the running grid in process-wide state: two threads launching at
+# once (the server renders views on its pool while the encoder thread selects tokens) corrupt each
+# other's program ids ("x >= grid_dim[0]"). Interpreted launches take turns; compiled ones need not.
+_INTERPRETER = threading.Lock()
 
 
 def is_interpreted(kernel: object) -> bool:
@@ -36,3 +45,16 @@ def check_device(name: str, tensor: torch.Tensor, kernel: object) -> None:
     if tensor.device.type != "cuda" and not is_interpreted(kernel):
         raise ValueError(f"{name}: Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 set before "
                          f"triton is first imported), got a tensor on {tensor.device}")
+
+
+def launch(kernel: Any, grid: tuple[int, ...]) -> Callable[..., Any]:
+    """`kernel[grid]`, serialised across threads when `kernel` runs in the interpreter."""
+    run = kernel[grid]
+    if not is_interpreted(kernel):
+        return run
+
+    @functools.wraps(run)
+    def serial(*args: Any, **kwargs: Any) -> Any:
+        with _INTERPRETER:
+            return run(*args, **kwargs)
+    return serial

@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from adaptclip.kernels._common import check_device, is_interpreted
+from adaptclip.kernels._common import check_device, is_interpreted, launch
 
 _STOP_FRACTION = tl.constexpr(0.25)  # the official loop stops once the global loss moved > 25 % from its first
 _FLOAT32_MIN = tl.constexpr(-3.4028234663852886e38)  # torch.finfo(float32).min: the reference's log p̄ clamp
@@ -304,7 +304,7 @@ def _logits(feats: Tensor, weights: Tensor, logit_scale: float) -> Tensor:
     tensor_cores = (torch.float16,) if is_interpreted(_logits_kernel) else (torch.float16, torch.bfloat16)
     half = feats.dtype == weights.dtype and feats.dtype in tensor_cores
     grid = (triton.cdiv(m, 64), triton.cdiv(n, 64))
-    _logits_kernel[grid](feats, weights, out, m, n, k, float(logit_scale), F32_DOT=not half,
+    launch(_logits_kernel, grid)(feats, weights, out, m, n, k, float(logit_scale), F32_DOT=not half,
                          BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=8)
     return out
 
@@ -337,7 +337,7 @@ def gs_bias(view_feats: Tensor, patch_feats: Tensor | None, text_classifier: Ten
         patch_logits = _logits(patches.reshape(-1, dim), weights, logit_scale)
         n_tiles = triton.cdiv(n_classes, 64)
         parts = torch.empty(n_batch, n_tiles, n_patches, device=device, dtype=torch.float32)
-        _saliency_kernel[(n_batch, n_tiles)](patch_logits, parts, n_patches, n_classes, BLOCK_P=64, BLOCK_C=64)
+        launch(_saliency_kernel, (n_batch, n_tiles))(patch_logits, parts, n_patches, n_classes, BLOCK_P=64, BLOCK_C=64)
     else:  # the patch arguments are never read
         n_patches, n_tiles, patch_logits, parts = 1, 1, view_logits, view_logits
     k_patches = min(top_k_patches, n_patches)
@@ -345,7 +345,7 @@ def gs_bias(view_feats: Tensor, patch_feats: Tensor | None, text_classifier: Ten
     state = torch.zeros(4, n_batch, n_classes, device=device, dtype=torch.float32)  # b_g, h_g, b_s, h_s
     logits = torch.empty(n_batch, n_classes, device=device, dtype=torch.float32)
     steps_run = torch.empty(n_batch, device=device, dtype=torch.int64)
-    _adapt_kernel[(n_batch,)](
+    launch(_adapt_kernel, (n_batch,))(
         view_logits, patch_logits, parts, state[0], state[1], state[2], state[3], logits, steps_run,
         n_views, n_classes, n_patches, n_tiles, k_views, k_patches, steps, float(alpha), float(beta),
         float(momentum), float(1 - momentum), math.log(k_views), math.log(k_patches),

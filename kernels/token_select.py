@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 from torch import Tensor, nn
 
-from adaptclip.kernels._common import FLOAT_DTYPES, check_device
+from adaptclip.kernels._common import FLOAT_DTYPES, check_device, launch
 
 _TINY = tl.constexpr(1.1754943508222875e-38)  # torch.finfo(float32).tiny: the reference's mass clamp
 
@@ -114,7 +114,7 @@ def reduce_tokens(x: Tensor, index: Tensor, scores: Tensor, k: int, fuse: bool,
     out = torch.empty(n, 1 + k + int(fuse), dim, device=x.device, dtype=x.dtype)
     out_index = torch.empty(n, k, device=x.device, dtype=index.dtype)
     block_d = min(triton.next_power_of_2(dim), 128)
-    _select_kernel[(n, triton.cdiv(dim, block_d))](
+    launch(_select_kernel, (n, triton.cdiv(dim, block_d)))(
         x, index, scores, out, out_index, n_patch, k, dim, x.stride(0), x.stride(1), index.stride(0),
         index.stride(1), scores.stride(0), out.stride(0), out.stride(1), FUSE=fuse, FUSED_IN=bool(fused),
         BLOCK_P=32, BLOCK_Q=64, BLOCK_D=block_d)
@@ -178,6 +178,6 @@ def cls_attention(block: nn.Module, y: Tensor) -> Tensor:
         folded = torch.einsum("nhe,hed->nhd", q, weight[d:2 * d].view(heads, head_dim, d)).contiguous()
     y = y if y.stride(-1) == 1 else y.contiguous()
     out = torch.empty(n, tokens, device=y.device, dtype=torch.float32)
-    _cls_scores_kernel[(n,)](y, folded, out, heads, tokens, d, y.stride(0), y.stride(1),
+    launch(_cls_scores_kernel, (n,))(y, folded, out, heads, tokens, d, y.stride(0), y.stride(1),
                              BLOCK_H=max(16, triton.next_power_of_2(heads)), BLOCK_L=64, BLOCK_D=32, num_warps=4)
     return out

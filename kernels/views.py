@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from adaptclip.kernels._common import FLOAT_DTYPES, check_device
+from adaptclip.kernels._common import FLOAT_DTYPES, check_device, launch
 
 MODES = ("bilinear", "bicubic")
 _META = 9  # per view: offset, stride_c, stride_y, stride_x, top, left, height, width, flip
@@ -240,7 +240,7 @@ def render_batch(images: Sequence[Tensor], boxes: Tensor | Sequence, flips: Tens
     block_y, block_x = min(triton.next_power_of_2(size), 8), min(triton.next_power_of_2(size), 32)
     n_yblocks, n_xblocks = triton.cdiv(size, block_y), triton.cdiv(size, block_x)
     grid = (n_images * n_views * n_yblocks * n_xblocks,)
-    _views_kernel[grid](src, meta, out, size, n_yblocks, n_xblocks, *map(float, mean), *map(float, std),
+    launch(_views_kernel, grid)(src, meta, out, size, n_yblocks, n_xblocks, *map(float, mean), *map(float, std),
                         1.0 / 255 if src.dtype == torch.uint8 else 1.0, BICUBIC=mode == "bicubic",
                         BLOCK_Y=block_y, BLOCK_X=block_x, TAPS_X=taps_x, TAPS_Y=taps_y, num_warps=8)
     return out
