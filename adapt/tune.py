@@ -165,21 +165,20 @@ def score(images: list[ImageFeatures], candidates: list[AdaptSettings], classifi
     """Zero-shot, gate signals and each candidate's adapted top-1 for every image of one part. GS-Bias runs
     on all images in one batch (gs_bias decides per image, so a batch equals its images one by one)."""
     feats = torch.stack([view_precision(img.source.feats) for img in images]).float()  # [N, V, D], as served
-    logits = logit_scale * F.normalize(feats, dim=-1) @ classifier.T  # [N, V, C]
+    unit = F.normalize(feats, dim=-1)
+    logits = logit_scale * unit @ classifier.T  # [N, V, C]
     t = torch.tensor
     sc = Scores(t([img.label for img in images]), logits[:, 0].argmax(-1),
                 torch.argsort(logits[:, 0], dim=-1, descending=True, stable=True),
                 t([normalized_entropy(row) for row in logits[:, 0]]))
-    unit = F.normalize(feats, dim=-1)
     for v in {c.views for c in candidates}:
         sig = [view_signals(row[:v], u[:v]) for row, u in zip(logits, unit)]
         sc.signals[v] = (t([g.entropy_rise for g in sig]), t([g.agreement for g in sig]), t([g.similarity for g in sig]))
-    patches = None if images[0].source.patches is None else torch.stack(
-        [patch_precision(img.source.patches) for img in images])
+    patches = None if images[0].source.patches is None else F.normalize(torch.stack(
+        [patch_precision(img.source.patches) for img in images]).float(), dim=-1)
     for c in candidates:
         if c.method == "gs_bias":
-            res = gs_bias(F.normalize(feats[:, :c.views], dim=-1),
-                          None if patches is None else F.normalize(patches.float(), dim=-1), classifier,
+            res = gs_bias(unit[:, :c.views], patches, classifier,
                           logit_scale=logit_scale, selection_ratio=c.ratio, steps=c.steps, alpha=c.alpha,
                           beta=c.beta, top_k_patches=c.spatial_top_k, backend=gs_backend)
             sc.adapted[c] = res.logits.argmax(-1)

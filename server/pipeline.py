@@ -68,6 +68,8 @@ class ImageViews:
             img, view0 = await self._decoded()
             if self.feats is None and self.s.method != "none" and self.s.views > 1:
                 self._ahead = asyncio.get_running_loop().run_in_executor(self.pool, self._prepare, img, view0)
+                # an image the gate skips never reads it: its failure, if any, is not an unretrieved error
+                self._ahead.add_done_callback(lambda f: f.cancelled() or f.exception())
             r = await self.hosted.batcher.submit(view0.unsqueeze(0), self.timeout_s, with_patches=want,
                                                  keep_rate=self.keep_rate)
             self.queue_us += r.queue_us
