@@ -114,6 +114,8 @@ def start_server(args: argparse.Namespace, bundle: str | None = None) -> tuple[s
     cmd = [sys.executable, "-m", "adaptclip.client.cli", "serve", "--host", "127.0.0.1",
            "--port", str(port), "--max-batch-size", str(args.batch_size), "--log-level", "WARNING",
            "--no-cache"]  # the same images go to every concurrency level: cached answers would not be work
+    if args.max_queue_delay_ms is not None:
+        cmd += ["--max-queue-delay-ms", str(args.max_queue_delay_ms)]
     if bundle:
         cmd += ["--bundle", bundle]
     else:
@@ -138,6 +140,7 @@ def main() -> None:
     p.add_argument("--device", default="auto", help="both paths: auto (CUDA when available), cpu, cuda")
     p.add_argument("--precision", default="auto", help="both paths: auto (half on CUDA, fp32 on the CPU), fp32, ...")
     p.add_argument("--concurrency", default="1,4,16")
+    p.add_argument("--max-queue-delay-ms", type=float, help="the server's batching delay (default: the server's)")
     p.add_argument("--bundle", help="also serve this exported bundle (onnxruntime) and measure it")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args()

@@ -41,17 +41,20 @@ class BatchResult:
 class Batcher:
     """Encodes what waits, up to `max_batch` images, in one call, whenever the encoder is free.
 
-    With `max_delay_s` 0 (the default, TEI's policy) a batch never waits for more: a lone request runs
-    at once, and whatever arrives while the encoder works forms the next batch, so batches grow with
-    the load by themselves. A positive `max_delay_s` also waits up to that long for a batch to fill,
-    trading latency for larger batches when many small requests trickle in. The encoder runs on one
-    dedicated thread so the event loop stays free. Items whose caller went away (cancelled, deadline
-    passed) are dropped before they reach the encoder.
+    A batch takes every waiting item of its keep rate, then waits up to `max_delay_s` for more, but
+    only while `callers()` (the requests now using this encoder, when given) exceeds its items: a lone
+    request, which sends view 0 and then its pieces of views one after another, never waits for
+    company that cannot come, while concurrent requests still meet in one batch. Whatever arrives
+    while the encoder works forms the next batch. The encoder runs on one dedicated thread so the
+    event loop stays free. Items whose caller went away (cancelled, deadline passed) are dropped
+    before they reach the encoder.
     """
 
     def __init__(self, encode: EncodeFn, *, max_batch: int, max_delay_s: float, max_queue: int,
-                 name: str = "model", on_batch: Callable[[int], None] | None = None) -> None:
+                 name: str = "model", on_batch: Callable[[int], None] | None = None,
+                 callers: Callable[[], int] | None = None) -> None:
         self._encode = encode
+        self._callers = callers
         self._on_batch = on_batch  # called with each encoded batch's size (metrics)
         self._max_batch = max_batch
         self._max_delay = max_delay_s
@@ -139,7 +142,7 @@ class Batcher:
 
     async def _next_batch(self) -> list[_Item]:
         """The oldest live item, then the waiting items of its keep rate and those arriving within the
-        delay (none with delay 0), up to max_batch."""
+        delay while more callers are active than the batch holds items, up to max_batch."""
         loop = asyncio.get_running_loop()
         while True:
             while not self._pending:
@@ -157,6 +160,8 @@ class Batcher:
                 batch.append(item)
                 size += item.images.shape[0]
                 continue
+            if self._callers is not None and len(batch) >= self._callers():
+                break  # nobody else is there to wait for
             remaining = close_at - loop.time()
             if remaining <= 0 or not await self._wait_new(remaining):
                 break

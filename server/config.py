@@ -38,7 +38,7 @@ class SecurityConfig:
 @dataclass
 class BatchingConfig:
     max_batch_size: int = 32
-    max_queue_delay_ms: float = 0.0  # extra wait for a batch to fill; 0: encode what waits at once (server/batcher.py)
+    max_queue_delay_ms: float = 5.0  # the longest a batch waits for other active requests' items (server/batcher.py)
     max_queue_size: int = 1024  # images waiting for the encoder; beyond -> RESOURCE_EXHAUSTED
 
 

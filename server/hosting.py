@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import torch
@@ -28,6 +29,7 @@ class Hosted:
         self.model = model
         self.batcher: Batcher | None = None
         self._text = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"text-{model.name}")
+        self._requests = 0  # requests now computing with this model (the batcher waits only for them)
 
     @property
     def name(self) -> str:
@@ -37,11 +39,21 @@ class Hosted:
         """Start the encoder batcher (on the running event loop), its batches and queue in `metrics`."""
         self.batcher = Batcher(self.model.encode_images, max_batch=cfg.max_batch_size,
                                max_delay_s=cfg.max_queue_delay_ms / 1000.0, max_queue=cfg.max_queue_size,
-                               name=self.model.name, on_batch=metrics.batch_observer(self.name) if metrics else None)
+                               name=self.model.name, on_batch=metrics.batch_observer(self.name) if metrics else None,
+                               callers=lambda: self._requests)
         if metrics is not None:
             batcher = self.batcher
             metrics.watch_queue(self.name, lambda: batcher.queued)
         self.batcher.start()
+
+    @contextlib.contextmanager
+    def request(self) -> Iterator[None]:
+        """Around a request's work with this model: while it lasts, the batcher may wait for its items."""
+        self._requests += 1
+        try:
+            yield
+        finally:
+            self._requests -= 1
 
     async def run_text(self, fn: Callable[..., T], *args: Any) -> T:
         """Text-tower work off the event loop, one call at a time."""

@@ -134,7 +134,7 @@ class ClassifierService(pb_grpc.ClassifierServicer):
             resp.cache_hit, resp.cache_level = True, pb.CACHE_RESULT
         else:
             deadline = None if timeout_s is None else time.monotonic() + timeout_s
-            with self.budget.hold(views_needed(settings)):
+            with self.budget.hold(views_needed(settings)), hosted.request():
                 classifier_task = asyncio.ensure_future(self.labels.classifier(hosted, ls, self._shared_cache))
                 entry = await self.cache.get("features", fkey) if self.cache else None
                 views = ImageViews(hosted, settings, lambda: self._decode(hosted, req.image), timeout_s,
@@ -238,7 +238,7 @@ class ClassifierService(pb_grpc.ClassifierServicer):
             raise failed_precondition("texts", f"model '{model.name}' has no text tower: it embeds images only")
         resp = pb.EmbedResponse(model=model.name, dim=model.embed_dim)
         if request.images:
-            with self.budget.hold(len(request.images), "images"):
+            with self.budget.hold(len(request.images), "images"), hosted.request():
                 decoded = await asyncio.gather(*(self._decode(hosted, d, f"images[{i}]")
                                                  for i, d in enumerate(request.images)))
                 result = await hosted.batcher.submit(torch.stack([p for _, p in decoded]),

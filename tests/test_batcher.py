@@ -45,9 +45,12 @@ def test_concurrent_items_share_one_batch_and_get_their_rows():
     assert all(r.batch_size == 5 for r in results)
 
 
-def test_no_delay_a_lone_item_runs_at_once_and_later_ones_batch_behind_the_encoder():
-    """Delay 0: the first item does not wait for company; the three that arrive while it encodes share
-    the next call. With a delay the same first item waits for the others and all four share one call."""
+@pytest.mark.parametrize("callers,sizes,calls", [(1, [1, 3, 3, 3], [1, 3]), (4, [4, 4, 4, 4], [4]),
+                                                 (None, [4, 4, 4, 4], [4])])
+def test_a_batch_waits_only_for_active_callers(callers, sizes, calls):
+    """One active caller: its item does not wait for company that cannot come (the three that arrive
+    while it encodes share the next call). Four active callers: the first waits (up to the 1 s delay)
+    for the other three. Without a callers count: the plain delay window."""
     started = []
 
     def slow(images: torch.Tensor, with_patches: bool, keep_rate: float):
@@ -55,20 +58,19 @@ def test_no_delay_a_lone_item_runs_at_once_and_later_ones_batch_behind_the_encod
         time.sleep(0.05)
         return images.flatten(1)[:, :4], None
 
-    async def go(delay: float):
-        b = Batcher(slow, max_batch=8, max_delay_s=delay, max_queue=100)
+    async def go():
+        b = Batcher(slow, max_batch=8, max_delay_s=1.0, max_queue=100,
+                    callers=None if callers is None else (lambda: callers))
         b.start()
         try:
             first = asyncio.ensure_future(b.submit(_img(0)))
-            await asyncio.sleep(0.01)  # the first is encoding (delay 0) or still waiting (delay 1 s)
+            await asyncio.sleep(0.01)  # the first is encoding (one caller) or waiting for the others
             rest = await asyncio.gather(*(b.submit(_img(i)) for i in (1, 2, 3)))
             return [(await first).batch_size, *(r.batch_size for r in rest)]
         finally:
             await b.close()
 
-    assert asyncio.run(go(0.0)) == [1, 3, 3, 3] and started == [1, 3]
-    started.clear()
-    assert asyncio.run(go(1.0)) == [4, 4, 4, 4] and started == [4]
+    assert asyncio.run(go()) == sizes and started == calls
 
 
 def test_max_batch_splits_and_oversized_item_runs_alone():
