@@ -240,8 +240,8 @@ class ViewGenerator:
                         rows = chosen.nonzero().squeeze(1)
                         level = p.levels[rows, chain, step].to(device)
                         sign = p.signs[rows, chain, step].to(device)
-                        at = rows.to(device)
-                        x[at] = _OPS[op](x[at], level, sign)
+                        at = rows.to(device)  # index_select / index_copy_: fancy indexing is ~5x slower on the CPU
+                        x.index_copy_(0, at, _OPS[op](x.index_select(0, at), level, sign))
             mix += p.mix_weights[:, chain].to(device).view(-1, 1, 1, 1) * x
         blend = p.blend.to(device).view(-1, 1, 1, 1)
         return blend * crops + (1 - blend) * mix
@@ -376,9 +376,14 @@ def _shear(x: Tensor, amount: Tensor, axis: int) -> Tensor:
 
 
 def _translate(x: Tensor, amount: Tensor, axis: int) -> Tensor:
-    pair = [torch.zeros_like(amount), torch.zeros_like(amount)]
-    pair[axis] = amount
-    return KT.translate(x, torch.stack(pair, dim=-1), mode="bilinear")
+    """output(p) = input(p - amount) along x (axis 0) or y (1), zero outside: kornia's bilinear
+    translate at the ops' whole-pixel amounts, as slice copies (a sampling grid costs ~20x more)."""
+    out = torch.zeros_like(x)
+    dim, size = (-1, -2)[axis], x.shape[(-1, -2)[axis]]
+    for i, a in enumerate(amount.long().tolist()):
+        a = max(-size, min(size, a))
+        out[i].narrow(dim, max(a, 0), size - abs(a)).copy_(x[i].narrow(dim, max(-a, 0), size - abs(a)))
+    return out
 
 
 # One AugMix op on a batch [m, 3, S, S] with per-image level / sign [m], as in augmix_ops.py:

@@ -13,9 +13,11 @@ Dirichlet(1) mix weights, Beta(1, 1) blend with the plain crop. What equals what
   with block-banded separable weights (PIL's / torch's antialiased filters) and batched matmuls.
 - AugMix chains run the official PIL ops (`augmix_op`) on the crop rounded to 8 bits (the official
   crops are 8-bit PIL images); the plain crop they are blended with stays float, as in the torch
-  path. Point ops and the integer translations run on all views at once in numpy, equal to PIL bit
-  for bit; rotate and shear call PIL per view. translate_x/y scale with S / 3 (the official code
-  hard-codes 224), as the torch path.
+  path. Each chain keeps one PIL image through its ops (the official calls, bit for bit; the whole-
+  pixel translations as a crop pasted onto black, which equals PIL's affine there at a fortieth of
+  its cost), and all chains of all views are summed in one pass. Per-image PIL beat batched numpy
+  for every op (numpy's 8-bit gathers and the copies in and out of the batch cost more than PIL's C
+  loops). translate_x/y scale with S / 3 (the official code hard-codes 224), as the torch path.
 - Random draws come from a numpy Generator per image, apart from the transform (`sample`), so any
   view is reproducible from its `ViewParams`; they are not the torch path's draws (another RNG).
 Importing this module must never pull torch or grpc.
@@ -113,7 +115,10 @@ def resized_crops(pixels: np.ndarray, boxes: np.ndarray, size: int, interpolatio
 
 
 def augmix_op(image: Image.Image, op: str, level: float, sign: float) -> Image.Image:
-    """One official AugMix op (augmix_ops.py) on an 8-bit square image, with its drawn level and sign."""
+    """One official AugMix op (augmix_ops.py) on an 8-bit square image, with its drawn level and sign,
+    equal to the official PIL call bit for bit (tests/test_edge_views.py). The integer translations
+    are a crop pasted onto black: PIL's bilinear affine at an integer offset samples pixel centres
+    exactly, and the copy is ~40x cheaper than its per-pixel transform."""
     size = image.size[0]
     bilinear = Image.Resampling.BILINEAR
     if op == "autocontrast":
@@ -126,62 +131,16 @@ def augmix_op(image: Image.Image, op: str, level: float, sign: float) -> Image.I
         return image.rotate(int(level * 30 / 10) * sign, resample=bilinear)
     if op == "solarize":
         return ImageOps.solarize(image, 256 - int(level * 256 / 10))
-    shear, shift = level * 0.3 / 10 * sign, int(level * (size / 3) / 10) * sign
-    matrix = {"shear_x": (1, shear, 0, 0, 1, 0), "shear_y": (1, 0, 0, shear, 1, 0),
-              "translate_x": (1, 0, shift, 0, 1, 0), "translate_y": (1, 0, 0, 0, 1, shift)}[op]
-    return image.transform((size, size), Image.Transform.AFFINE, matrix, resample=bilinear)
-
-
-def _augmix_batch(op: str, images: np.ndarray, levels: np.ndarray, signs: np.ndarray) -> np.ndarray:
-    """One AugMix op on m 8-bit images [m, S, S, 3], each with its own level and sign, equal to
-    `augmix_op` on each image bit for bit (tests/test_edge_views.py). Point ops and the integer
-    translations run on all images at once in numpy; rotate and shear call PIL per image, whose C
-    bilinear sampling is faster than numpy's gathers at any size (an exact numpy copy measured 2-7x slower)."""
-    size = images.shape[1]
-    if op == "posterize":
-        bits = 4 - (levels * 4 / 10).astype(np.int64)
-        return images & (~(2 ** (8 - bits) - 1) & 0xFF).astype(np.uint8).reshape(-1, 1, 1, 1)
-    if op == "solarize":
-        threshold = (256 - (levels * 256 / 10).astype(np.int64)).reshape(-1, 1, 1, 1)
-        return np.where(images < threshold, images, 255 - images).astype(np.uint8)
-    if op in ("autocontrast", "equalize"):  # one 256-entry table per image and channel, from its histogram
-        rows = images.transpose(0, 3, 1, 2).reshape(-1, size * size)
-        index = rows + (256 * np.arange(len(rows)))[:, None]  # into the stacked tables
-        hist = np.bincount(index.ravel(), minlength=256 * len(rows)).reshape(-1, 256)
-        lut = (_equalize_lut if op == "equalize" else _autocontrast_lut)(hist)
-        mapped = lut.astype(np.uint8).ravel()[index]
-        return mapped.reshape(len(images), 3, size, size).transpose(0, 2, 3, 1)
-    if op in ("translate_x", "translate_y"):
-        # PIL's bilinear affine at an integer offset samples pixel centres exactly: a shift, 0 outside.
-        shifted = np.zeros_like(images)
-        shifts = (levels * (size / 3) / 10).astype(np.int64) * signs.astype(np.int64)
-        for target, source, t in zip(shifted, images, shifts):  # output(x) = input(x + t)
-            if op == "translate_x":
-                target, source = target.swapaxes(0, 1), source.swapaxes(0, 1)
-            target[max(-t, 0):size - max(t, 0)] = source[max(t, 0):size + min(t, 0)]
+    if op in ("translate_x", "translate_y"):  # output(x) = input(x + t), black outside
+        t = int(int(level * (size / 3) / 10) * sign)
+        shifted = Image.new(image.mode, image.size)
+        lo, hi = max(t, 0), size + min(t, 0)
+        box, at = ((lo, 0, hi, size), (max(-t, 0), 0)) if op == "translate_x" else ((0, lo, size, hi), (0, max(-t, 0)))
+        shifted.paste(image.crop(box), at)
         return shifted
-    return np.stack([np.asarray(augmix_op(Image.fromarray(image), op, float(level), float(sign)))
-                     for image, level, sign in zip(images, levels, signs)])
-
-
-def _autocontrast_lut(hist: np.ndarray) -> np.ndarray:
-    """ImageOps.autocontrast's table (cutoff 0) per 256-bin histogram [R, 256] -> [R, 256]."""
-    present = hist > 0
-    lo = present.argmax(axis=1)[:, None]
-    hi = 255 - present[:, ::-1].argmax(axis=1)[:, None]
-    scale = 255.0 / np.maximum(hi - lo, 1)
-    stretched = np.clip(np.trunc(np.arange(256) * scale + -lo * scale), 0, 255)
-    return np.where(hi > lo, stretched, np.arange(256))
-
-
-def _equalize_lut(hist: np.ndarray) -> np.ndarray:
-    """ImageOps.equalize's table per 256-bin histogram [R, 256] -> [R, 256] (clipped as Image.point does)."""
-    last = 255 - (hist[:, ::-1] > 0).argmax(axis=1)
-    step = (hist.sum(axis=1) - hist[np.arange(len(hist)), last]) // 255
-    keep = ((hist > 0).sum(axis=1) <= 1) | (step == 0)
-    step = np.maximum(step, 1)[:, None]
-    equalized = np.clip((step // 2 + np.cumsum(hist, axis=1) - hist) // step, 0, 255)
-    return np.where(keep[:, None], np.arange(256), equalized)
+    shear = level * 0.3 / 10 * sign
+    matrix = (1, shear, 0, 0, 1, 0) if op == "shear_x" else (1, 0, 0, shear, 1, 0)
+    return image.transform((size, size), Image.Transform.AFFINE, matrix, resample=bilinear)
 
 
 def shrink_for_views(image: Image.Image, size: int) -> Image.Image:
@@ -285,22 +244,21 @@ class ViewRenderer:
         crops[params.flip] = crops[params.flip, :, :, ::-1]
         if not self.augmix or len(params) == 0:
             return crops
-        scaled = crops * 255.0
-        eight_bit = np.rint(scaled, out=scaled).astype(np.uint8)  # as the official code's 8-bit PIL crops
-        eight_bit = np.ascontiguousarray(eight_bit.transpose(0, 2, 3, 1))  # HWC, as PIL lays images out
-        chains = np.empty((self.width, *crops.shape), np.uint8)
-        for chain in range(self.width):
-            images = eight_bit.copy()
-            for step in range(params.ops.shape[-1]):
-                for index, op in enumerate(OP_NAMES):
-                    rows = np.flatnonzero((params.depth[:, chain] > step) & (params.ops[:, chain, step] == index))
-                    if len(rows):
-                        images[rows] = _augmix_batch(op, images[rows], params.levels[rows, chain, step],
-                                                     params.signs[rows, chain, step])
-            chains[chain] = images.transpose(0, 3, 1, 2)
+        n, size = len(crops), self.image_size
+        eight_bit = np.empty((n, size, size, 3), np.float32)  # HWC, as PIL lays images out
+        np.multiply(crops.transpose(0, 2, 3, 1), 255.0, out=eight_bit)
+        eight_bit = np.rint(eight_bit, out=eight_bit).astype(np.uint8)  # as the official code's 8-bit PIL crops
+        chains = np.empty((self.width, n, size, size, 3), np.uint8)
+        for view in range(n):  # one PIL image per chain, kept through its ops: no array round trips
+            for chain in range(self.width):
+                image = Image.fromarray(eight_bit[view])
+                for step in range(params.depth[view, chain]):
+                    image = augmix_op(image, OP_NAMES[params.ops[view, chain, step]],
+                                      float(params.levels[view, chain, step]), float(params.signs[view, chain, step]))
+                chains[chain, view] = image
         # blend * crop + (1 - blend) * sum_c w_c * chain_c / 255, the chain sum in one pass
         coef = ((1 - params.blend) * params.mix_weights.T / 255.0).astype(np.float32)  # [width, n]
-        mixed = np.einsum("cn,cnx->nx", coef, chains.reshape(self.width, len(crops), -1)).reshape(crops.shape)
+        mixed = np.einsum("cn,cnx->nx", coef, chains.reshape(self.width, n, -1)).reshape(n, size, size, 3)
         crops *= params.blend.astype(np.float32).reshape(-1, 1, 1, 1)
-        mixed += crops
-        return mixed
+        crops += mixed.transpose(0, 3, 1, 2)
+        return crops

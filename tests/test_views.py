@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from adaptclip.adapt import ViewGenerator
-from adaptclip.adapt.views import _OPS, _crop_boxes
+from adaptclip.adapt.views import _OPS, _crop_boxes, _translate
 
 MEAN = (0.48145466, 0.4578275, 0.40821073)
 STD = (0.26862954, 0.26130258, 0.27577711)
@@ -100,6 +100,18 @@ def test_every_augmix_op_keeps_shape_and_range():
         out = op(x, level, sign)
         assert out.shape == x.shape, name
         assert out.min() >= 0 and out.max() <= 1 + 1e-6, name
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+def test_translate_equals_kornias_bilinear_translate_at_whole_pixels(axis):
+    import kornia.geometry.transform as KT
+
+    x = torch.rand(6, 3, 40, 37, generator=torch.Generator().manual_seed(3))
+    amount = torch.tensor([-5.0, 0.0, 3.0, 12.0, -12.0, 1.0])
+    pair = [torch.zeros_like(amount), torch.zeros_like(amount)]
+    pair[axis] = amount
+    want = KT.translate(x, torch.stack(pair, dim=-1), mode="bilinear")
+    torch.testing.assert_close(_translate(x, amount, axis), want, rtol=0, atol=1e-5)
 
 
 def test_runs_without_augmix_and_on_other_dtypes():
