@@ -152,3 +152,24 @@ def test_cli_quantize(tmp_path: Path, tiny_checkpoint: Path, capsys: pytest.Capt
     args.output = str(tmp_path / "refused")
     assert cli_quantize.run(args) == 1
     assert "below the threshold" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("quantize_outputs", [False, True])
+def test_linear_outputs_stay_fp32_unless_asked(tmp_path: Path, hosted: TorchModel, quantize_outputs: bool) -> None:
+    """By default no QuantizeLinear follows a MatMul, so onnxruntime fuses each into MatMulIntegerToFloat
+    (no requantisation per layer); asked, the outputs are quantised (QLinearMatMul) as before."""
+    import onnxruntime as ort
+
+    fp32 = export_image_tower(hosted.module, tmp_path / "f.onnx", hosted.image_size)
+    calib = torch.randn(8, 3, hosted.image_size, hosted.image_size, generator=torch.Generator().manual_seed(1)).numpy()
+    path = quantize(fp32, tmp_path / "q.onnx", calib, QuantConfig(quantize_linear_outputs=quantize_outputs))
+    graph = onnx.load(str(path)).graph
+    matmul_outputs = {o for n in graph.node if n.op_type == "MatMul" for o in n.output}
+    requantised = [n for n in graph.node if n.op_type == "QuantizeLinear" and n.input[0] in matmul_outputs]
+    assert bool(requantised) == quantize_outputs
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(tmp_path / "optimised.onnx")
+    ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    fused = {n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node}
+    assert ("MatMulIntegerToFloat" in fused) != quantize_outputs
+    assert ("QLinearMatMul" in fused) == quantize_outputs

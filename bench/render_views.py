@@ -1,0 +1,121 @@
+"""Rendering cost alone: the augmented views of one image on the edge (numpy + PIL) and torch paths.
+
+Times `ViewRenderer.render` (compression/edge_views.py) and `ViewPlan.render` (adapt/views.py) over
+the same CIFAR test images upscaled to 256 px, V - 1 views each at S px, AugMix on and off, with
+`--threads` torch/numpy threads. Rendering is single-image CPU work, so unlike the end-to-end cost
+of bench/edge_tta.py it measures steadily on a shared machine; the two paths' draws differ (numpy
+vs torch RNG), so each is compared with itself across code versions, not with the other.
+`--python-path` runs the measurement with another checkout's package (its `proto/adaptclip`,
+`adapt`, ... folders) in alternating subprocesses, for a before/after ratio from one run:
+
+    .venv/bin/python bench/render_views.py --images 10 --views 32 --size 224 --rounds 3 \
+        --baseline /tmp/old --out bench/results/render-views.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+PACKAGES = ("adapt", "client", "compression", "kernels", "server")
+
+
+def measure(args: argparse.Namespace) -> dict:
+    """Median ms per image for each (path, augmix) in this process."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from adaptclip.adapt.data import load_folder
+    from adaptclip.adapt.views import ViewGenerator
+    from adaptclip.compression.edge_views import ViewRenderer
+
+    torch.set_num_threads(args.threads)
+    mean, std = (0.481, 0.458, 0.408), (0.269, 0.261, 0.276)
+    data = load_folder(args.data, limit_per_class=1, seed=1)
+    images = [Image.open(p).convert("RGB").resize((256, 256), Image.Resampling.BICUBIC) for p in data.paths[:args.images]]
+    out = {}
+    for augmix in (True, False):
+        edge = ViewRenderer(args.size, mean, std, augmix=augmix)
+        gen = ViewGenerator(args.size, mean, std, augmix=augmix)
+        base = torch.zeros(3, args.size, args.size)
+        times: dict[str, list[float]] = {"edge": [], "torch": []}
+        for i, img in enumerate([images[0], *images]):  # the first image warms up
+            start = time.perf_counter()
+            pixels = edge.prepare(img)
+            edge.render(pixels, edge.sample(np.random.default_rng(i), args.views - 1, *pixels.shape[:2]))
+            edge_ms = 1000 * (time.perf_counter() - start)
+            tensor = torch.from_numpy(np.asarray(img, np.float32) / 255.0).permute(2, 0, 1).contiguous()
+            start = time.perf_counter()
+            gen.plan(tensor, base, args.views, i).render(1, args.views)
+            torch_ms = 1000 * (time.perf_counter() - start)
+            if i:
+                times["edge"].append(edge_ms)
+                times["torch"].append(torch_ms)
+        for path, values in times.items():
+            out[f"{path}_{'augmix' if augmix else 'crops'}_ms"] = round(statistics.median(values), 2)
+    return out
+
+
+def _run(tree: str | None, args: argparse.Namespace) -> dict:
+    """One measurement in a subprocess, with `tree`'s packages in place of this checkout's when given."""
+    cmd = [sys.executable, __file__, "--worker", "--images", str(args.images), "--views", str(args.views),
+           "--size", str(args.size), "--threads", str(args.threads), "--data", args.data]
+    env = dict(os.environ)
+    if tree:
+        env["ADAPTCLIP_TREE"] = tree
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _use_tree(tree: str) -> None:
+    """Point the editable install's package mapping at another checkout (a worktree of an older commit)."""
+    finder = next(m for name, m in sys.modules.items()
+                  if name.startswith("__editable___adaptclip") and name.endswith("_finder"))
+    root = Path(tree)
+    finder.MAPPING = {"adaptclip": str(root / "proto" / "adaptclip"),
+                      **{f"adaptclip.{p}": str(root / p) for p in PACKAGES}}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", default="/tmp/data/test")
+    p.add_argument("--images", type=int, default=10)
+    p.add_argument("--views", type=int, default=32)
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--rounds", type=int, default=3, help="alternating subprocess pairs (baseline, this tree)")
+    p.add_argument("--baseline", help="another checkout to compare with (its packages replace this one's)")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--out")
+    args = p.parse_args()
+    if args.worker:
+        if os.environ.get("ADAPTCLIP_TREE"):
+            _use_tree(os.environ["ADAPTCLIP_TREE"])
+        print(json.dumps(measure(args)))
+        return
+    rounds: dict[str, list[dict]] = {"baseline": [], "this": []}
+    for r in range(args.rounds):
+        if args.baseline:
+            rounds["baseline"].append(_run(args.baseline, args))
+        rounds["this"].append(_run(None, args))
+        print(f"round {r}: " + json.dumps({k: v[-1] for k, v in rounds.items() if v}), flush=True)
+    summary = {k: {f: round(statistics.median(row[f] for row in v), 2) for f in v[0]} for k, v in rounds.items() if v}
+    if args.baseline:
+        summary["baseline_over_this"] = {f: round(summary["baseline"][f] / summary["this"][f], 3) for f in summary["this"]}
+    result = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                          "load_average_at_start": os.getloadavg()},
+              "command": " ".join(sys.argv), "rounds": rounds, "summary": summary}
+    print(json.dumps(summary, indent=1))
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
