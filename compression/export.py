@@ -6,9 +6,13 @@ a CalibrationDataReader over the chosen calibration images (SPDFQ, Gaussian or r
 only the linear ops (MatMul, Gemm, Conv) are quantised and the attention probabilities stay fp32
 (the paper quantises post-softmax attention with a log2 quantiser because uniform INT8 loses its
 small values; onnxruntime has no log2 quantiser, so the softmax output is left unquantised).
+Two choices keep the INT8 graph lean for small towers, where the ops around the GEMMs weigh most:
+the tower's self-attention is exported as `ExportAttention` (3 transposes a block instead of
+MultiheadAttention's 8), and linear layers' outputs are not requantised (MatMulIntegerToFloat).
 """
 from __future__ import annotations
 
+import copy
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -68,6 +72,44 @@ class QuantConfig:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, not {value!r}")
 
 
+class ExportAttention(nn.Module):
+    """A batch-first self-attention nn.MultiheadAttention (no mask) with the heads split once and merged
+    once: its ONNX graph has 3 transposes per block where the exporter writes 8 for MultiheadAttention
+    (with their Shape/Gather/Concat chains), the same numbers (export_image_tower checks them)."""
+
+    def __init__(self, mha: nn.MultiheadAttention) -> None:
+        super().__init__()
+        self.heads = mha.num_heads
+        self.in_proj = nn.Linear(mha.embed_dim, 3 * mha.embed_dim, bias=mha.in_proj_bias is not None)
+        self.in_proj.weight, self.in_proj.bias = mha.in_proj_weight, mha.in_proj_bias
+        self.out_proj = mha.out_proj
+
+    @staticmethod
+    def replaces(module: nn.Module) -> bool:
+        return (isinstance(module, nn.MultiheadAttention) and module.batch_first and module._qkv_same_embed_dim
+                and module.bias_k is None and not module.add_zero_attn)
+
+    def forward(self, q_x: torch.Tensor, k_x: torch.Tensor | None = None, v_x: torch.Tensor | None = None,
+                need_weights: bool = False, attn_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, None]:
+        if (k_x is not None and k_x is not q_x) or (v_x is not None and v_x is not q_x) or attn_mask is not None:
+            raise ValueError("ExportAttention is self-attention without a mask (an image tower's)")
+        n, length, width = q_x.shape
+        q, k, v = self.in_proj(q_x).reshape(n, length, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)
+        attn = torch.softmax((q * (width // self.heads) ** -0.5) @ k.transpose(-2, -1), dim=-1)
+        return self.out_proj((attn @ v).transpose(1, 2).reshape(n, length, width)), None
+
+
+def lean_attention(model: nn.Module) -> nn.Module:
+    """A copy of `model` whose image tower's self-attention modules are ExportAttention (the rest shared
+    in value, not in identity: the original is untouched)."""
+    model = copy.deepcopy(model)
+    for parent in model.visual.modules():
+        for name, child in list(parent.named_children()):
+            if ExportAttention.replaces(child):
+                setattr(parent, name, ExportAttention(child))
+    return model
+
+
 class ImageTower(nn.Module):
     """The CLIP image tower as exported: normalised pixels [N, 3, S, S] -> unnormalised embedding [N, D],
     and with `patches` every patch token [N, P, D] through ln_post and the projection, as GS-Bias's
@@ -114,7 +156,7 @@ def export_image_tower(model: nn.Module, path: str | Path, image_size: int, opse
     path = Path(path)
     patches = supports_patches(model)
     outputs = [OUTPUT_NAME, PATCHES_NAME] if patches else [OUTPUT_NAME]
-    tower = ImageTower(model, patches).eval().float()
+    tower = ImageTower(lean_attention(model), patches).eval().float()
     probe = torch.randn(3, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
     fastpath = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)  # the fused MHA kernel has no ONNX export

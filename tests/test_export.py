@@ -173,3 +173,24 @@ def test_linear_outputs_stay_fp32_unless_asked(tmp_path: Path, hosted: TorchMode
     fused = {n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node}
     assert ("MatMulIntegerToFloat" in fused) != quantize_outputs
     assert ("QLinearMatMul" in fused) == quantize_outputs
+
+
+def test_export_attention_equals_multihead_attention_and_exports_leaner(tmp_path: Path, hosted: TorchModel) -> None:
+    """The exported tower's self-attention (ExportAttention) gives MultiheadAttention's numbers with
+    fewer transposes in the graph, and the model it was copied from is left as it was."""
+    from adaptclip.compression.export import ExportAttention, lean_attention
+
+    mha = torch.nn.MultiheadAttention(24, 4, batch_first=True).eval()
+    x = torch.randn(3, 7, 24, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = mha(x, x, x, need_weights=False)[0]
+        got = ExportAttention(mha)(x, x, x, need_weights=False)[0]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="self-attention"):
+        ExportAttention(mha)(x, x.clone(), x)
+    lean = lean_attention(hosted.module)
+    replaced = [m for m in lean.visual.modules() if isinstance(m, ExportAttention)]
+    assert replaced and not any(isinstance(m, ExportAttention) for m in hosted.module.visual.modules())
+    path = export_image_tower(hosted.module, tmp_path / "f.onnx", hosted.image_size)  # compares with torch itself
+    transposes = sum(n.op_type == "Transpose" for n in onnx.load(str(path)).graph.node)
+    assert transposes <= 3 * len(replaced) + 1
