@@ -8,7 +8,7 @@ vs torch RNG), so each is compared with itself across code versions, not with th
 `--python-path` runs the measurement with another checkout's package (its `proto/adaptclip`,
 `adapt`, ... folders) in alternating subprocesses, for a before/after ratio from one run:
 
-    .venv/bin/python bench/render_views.py --images 10 --views 32 --size 224 --rounds 3 \
+    .venv/bin/python bench/render_views.py --images 10 --views 32 --size 224 --rounds 4 \
         --baseline /tmp/old --out bench/results/render-views.json
 """
 from __future__ import annotations
@@ -90,7 +90,7 @@ def main() -> None:
     p.add_argument("--views", type=int, default=32)
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--rounds", type=int, default=3, help="alternating subprocess pairs (baseline, this tree)")
+    p.add_argument("--rounds", type=int, default=4, help="subprocess pairs (baseline and this tree, in alternating order)")
     p.add_argument("--baseline", help="another checkout to compare with (its packages replace this one's)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out")
@@ -101,12 +101,13 @@ def main() -> None:
         print(json.dumps(measure(args)))
         return
     rounds: dict[str, list[dict]] = {"baseline": [], "this": []}
-    for r in range(args.rounds):
-        if args.baseline:
-            rounds["baseline"].append(_run(args.baseline, args))
-        rounds["this"].append(_run(None, args))
+    for r in range(args.rounds):  # the order alternates, so neither tree always runs second
+        order = ["this"] if not args.baseline else ["baseline", "this"][::1 if r % 2 == 0 else -1]
+        for which in order:
+            rounds[which].append(_run(args.baseline if which == "baseline" else None, args))
         print(f"round {r}: " + json.dumps({k: v[-1] for k, v in rounds.items() if v}), flush=True)
-    summary = {k: {f: round(statistics.median(row[f] for row in v), 2) for f in v[0]} for k, v in rounds.items() if v}
+    # interference only adds time: each figure is the least over the rounds (each a median over images)
+    summary = {k: {f: round(min(row[f] for row in v), 2) for f in v[0]} for k, v in rounds.items() if v}
     if args.baseline:
         summary["baseline_over_this"] = {f: round(summary["baseline"][f] / summary["this"][f], 3) for f in summary["this"]}
     result = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
