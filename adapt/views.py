@@ -16,18 +16,16 @@ mix Beta(1, 1)-blended with the crop. Differences from the PIL original, all del
   image are resized together: the filter's weights as banded matrices (adapt/resample.py, shared
   with the edge renderer) applied by two batched matmuls, equal to one `F.interpolate(antialias=True)`
   per view (used above that size, where it is faster) to ~1e-5 (float32 summation order).
-- Mixing happens before normalisation instead of after; it is affine with weights summing to 1,
-  so the result is the same.
-- translate_x/y scale with S / 3 (the official code hard-codes IMAGE_SIZE = 224).
+- Mixing happens before normalisation (affine, weights summing to 1: the same result).
+- translate_x/y scale with S / 3 (the official code hard-codes 224) and are slice copies.
 - Random numbers come from a torch.Generator per image (see `ViewGenerator.__call__`), not
   numpy's global RNG, so the same seed gives the same views on any device and in any batch.
 
-`backend="triton"` (or "auto" on a CUDA device) renders with adaptclip.kernels.views from the same
-draws: with AugMix off the whole pipeline (crop, flip, normalise, cast) of a batch in one launch, with
-AugMix on the crop stage, the ops following as here; within 1e-3 of the torch path in [0, 1] units.
+`backend="triton"` (or "auto" on CUDA) renders with adaptclip.kernels.views from the same draws: without
+AugMix all of a batch (crop, flip, normalise, cast) in one launch, with it the crops; within 1e-3 of torch.
 
-`ViewPlan` draws an image's views up front and renders any range of them on demand, so the server
-renders chunk k + 1 while chunk k is encoded (server/pipeline.py) and any split gives the same views.
+`ViewPlan` draws an image's views up front and renders any range on demand, so the server renders
+chunk k + 1 while chunk k is encoded (server/pipeline.py); any split gives the same views.
 """
 from __future__ import annotations
 
@@ -370,18 +368,16 @@ def _autocontrast(x: Tensor) -> Tensor:
 
 
 def _shear(x: Tensor, amount: Tensor, axis: int) -> Tensor:
-    pair = [torch.zeros_like(amount), torch.zeros_like(amount)]
-    pair[axis] = amount
-    return KT.shear(x, torch.stack(pair, dim=-1), mode="bilinear")
+    pair = torch.zeros(len(amount), 2, dtype=amount.dtype, device=amount.device)
+    pair[:, axis] = amount
+    return KT.shear(x, pair, mode="bilinear")
 
 
 def _translate(x: Tensor, amount: Tensor, axis: int) -> Tensor:
-    """output(p) = input(p - amount) along x (axis 0) or y (1), zero outside: kornia's bilinear
-    translate at the ops' whole-pixel amounts, as slice copies (a sampling grid costs ~20x more)."""
+    """Kornia's bilinear translate at whole pixels (|amount| <= S / 3) as slice copies, ~20x cheaper."""
     out = torch.zeros_like(x)
     dim, size = (-1, -2)[axis], x.shape[(-1, -2)[axis]]
-    for i, a in enumerate(amount.long().tolist()):
-        a = max(-size, min(size, a))
+    for i, a in enumerate(amount.long().tolist()):  # output(p) = input(p - a) along the axis, 0 outside
         out[i].narrow(dim, max(a, 0), size - abs(a)).copy_(x[i].narrow(dim, max(-a, 0), size - abs(a)))
     return out
 
