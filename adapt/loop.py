@@ -17,6 +17,7 @@ from torch import Tensor
 
 from adaptclip.adapt.gate import ViewSignals, gate_active, outside_top_k, signals, views_out_of_distribution
 from adaptclip.adapt.methods import MethodResult
+from adaptclip.adapt.pieces import view_chunks
 from adaptclip.adapt.selection import confident_views, normalized_entropy, view_entropy
 from adaptclip.adapt.settings import AdaptSettings
 
@@ -73,12 +74,6 @@ def patch_precision(patches: Tensor) -> Tensor:
 def skips_views(settings: AdaptSettings, entropy: float) -> bool:
     """The confidence gate: an adapting method answers zero-shot, without views, below skip_entropy."""
     return settings.method != "none" and entropy < settings.skip_entropy
-
-
-def view_chunks(settings: AdaptSettings) -> list[tuple[int, int]]:
-    """[lo, hi) ranges of the augmented views (1..V-1) encoded in turn; one range unless view_chunk."""
-    chunk = settings.view_chunk or max(1, settings.views - 1)
-    return [(lo, min(lo + chunk, settings.views)) for lo in range(1, settings.views, chunk)]
 
 
 def views_agree(view_logits: Tensor, ratio: float) -> bool:

@@ -26,12 +26,12 @@ import numpy as np
 from PIL import Image
 
 from adaptclip.adapt.gate import gate_active, outside_top_k, signals, views_out_of_distribution
+from adaptclip.adapt.pieces import RENDER_CHUNK, first_piece, render_pieces, view_chunks
 from adaptclip.adapt.settings import AdaptSettings, settings_from_dict, untuned_defaults
 from adaptclip.compression import edge_adapt
 from adaptclip.compression.edge_model import EdgeModel, softmax
 from adaptclip.compression.edge_views import ViewRenderer
 
-RENDER_CHUNK = 16  # views rendered (and encoded) at a time, so rendering overlaps encoding
 MIN_AGREEING = 2  # as adapt.loop: selected views that must agree before a chunked run stops
 _NOT_ON_EDGE = frozenset({"tpt_lr"})  # AdaptSettings fields that mean nothing without a text tower
 
@@ -70,12 +70,6 @@ def _fp16(x: np.ndarray) -> np.ndarray:
     return x.astype(np.float16).astype(np.float32)
 
 
-def view_chunks(s: AdaptSettings) -> list[tuple[int, int]]:
-    """[lo, hi) ranges of the augmented views (1..V-1), as adapt.loop.view_chunks."""
-    chunk = s.view_chunk or max(1, s.views - 1)
-    return [(lo, min(lo + chunk, s.views)) for lo in range(1, s.views, chunk)]
-
-
 def views_agree(view_logits: np.ndarray, ratio: float) -> bool:
     """As adapt.loop.views_agree: at least MIN_AGREEING confidence-selected views predict one class."""
     kept = edge_adapt.confident_views(view_logits, ratio)
@@ -105,10 +99,9 @@ class EdgeAdapter:
         self.close()
 
     def _pieces(self) -> Iterator[tuple[int, int, bool]]:
-        """(lo, hi, ends a loop chunk): the loop's chunks cut to at most render_chunk views."""
+        """(lo, hi, ends a loop chunk): the loop's chunks cut into render pieces (adapt/pieces.py)."""
         for lo, hi in view_chunks(self.s):
-            for start in range(lo, hi, self.render_chunk):
-                stop = min(start + self.render_chunk, hi)
+            for start, stop in render_pieces(lo, hi, self.render_chunk, first_piece(self.s)):
                 yield start, stop, stop == hi
 
     def classify(self, image: Image.Image, seed: int | None = None) -> EdgeAnswer:

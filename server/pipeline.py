@@ -2,10 +2,11 @@
 
 `ImageViews` is the server's view source for `adapt.loop.adapt_image`: it decodes and renders only when
 something is missing, renders the views a piece at a time on the worker pool (piece k + 1 while piece
-k waits for the shared encoder batcher; the draws are made up front, `adapt.views.view_plan`, so any
-split gives the same views; the plan, and the first piece when no confidence gate can skip the views,
-are drawn while view 0 is encoded), and hands the cache what it computed. The loop itself (gate, chunks, early stop, method) is the one the
-accuracy harness runs.
+k waits for the shared encoder batcher; pieces as adapt/pieces.py cuts them, small first where AugMix renders on the CPU;
+the draws are made up front, `adapt.views.view_plan`, so any split gives the same views; the plan,
+and the first piece when no confidence gate can skip the views, are drawn while view 0 is encoded),
+and hands the cache what it computed. The loop itself (gate, chunks, early stop, method) is the one
+the accuracy harness runs.
 """
 from __future__ import annotations
 
@@ -22,12 +23,12 @@ from torch import Tensor
 
 from adaptclip.adapt.loop import Outcome, adapt_image
 from adaptclip.adapt.methods import MethodResult, adapt_views
+from adaptclip.adapt.pieces import RENDER_CHUNK, first_piece, render_pieces, view_chunks
 from adaptclip.adapt.settings import AdaptSettings
 from adaptclip.adapt.views import ViewPlan, view_plan
 from adaptclip.server.hosting import Hosted
 
 Decode = Callable[[], Awaitable[tuple[Image.Image, Tensor]]]
-RENDER_CHUNK = 16  # views rendered per piece (at most a batch): small enough that rendering overlaps encoding
 
 
 class ImageViews:
@@ -92,8 +93,7 @@ class ImageViews:
             if self._plan is None:
                 img, view0 = await self._decoded()
                 self._plan = await loop.run_in_executor(self.pool, view_plan, self.hosted.model, img, view0, self.s)
-            step = self._step()
-            pieces = [(lo, min(lo + step, n)) for lo in range(have, n, step)]
+            pieces = render_pieces(have, n, *self._cut())
             submitted: list[asyncio.Future] = []
             try:
                 if first_piece is not None and have == 1 and first_piece.shape[0] == pieces[0][1] - 1:
@@ -117,8 +117,11 @@ class ImageViews:
             self.dirty = True
         return self.feats[:n]
 
-    def _step(self) -> int:
-        return min(RENDER_CHUNK, self.hosted.batcher.max_batch)
+    def _cut(self) -> tuple[int, int | None]:
+        """(cap, first) of adapt.pieces.render_pieces: pieces of at most a batch, ramping up where
+        rendering is dear (AugMix on the CPU; on a GPU views render fast)."""
+        return (min(RENDER_CHUNK, self.hosted.batcher.max_batch),
+                first_piece(self.s, self.hosted.model.device.type == "cpu"))
 
     def _prepare(self, img: Image.Image, view0: Tensor) -> Tensor | None:
         """Drawn while view 0 is encoded (the wait the loop's first decision costs): the view plan, and
@@ -127,7 +130,7 @@ class ImageViews:
         self._plan = view_plan(self.hosted.model, img, view0, self.s)
         if self.s.skip_entropy > 0.0:
             return None
-        return self._render(1, min(1 + self._step(), self.s.views, 1 + (self.s.view_chunk or self.s.views)))
+        return self._render(*render_pieces(*view_chunks(self.s)[0], *self._cut())[0])
 
     def _render(self, lo: int, hi: int) -> Tensor:
         """Views lo..hi-1 on the CPU (a worker thread), timed."""

@@ -11,7 +11,8 @@ import torch
 
 from adaptclip.adapt.data import load_folder
 from adaptclip.adapt.evaluate import EvalPlan, Precomputed, Run, evaluate
-from adaptclip.adapt.loop import adapt_image, skips_views, view_chunks, views_agree
+from adaptclip.adapt.loop import adapt_image, skips_views, views_agree
+from adaptclip.adapt.pieces import view_chunks
 from adaptclip.adapt.methods import MethodResult
 from adaptclip.adapt.metrics import classification_metrics, ranked_classes
 from adaptclip.adapt.settings import AdaptSettings

@@ -76,3 +76,28 @@ def test_a_skipped_image_renders_no_views(hosted: TorchModel, tmp_path) -> None:
         adapter.renderer.render = lambda *a: rendered.append(1) or render(*a)
         answer = adapter.classify(_image())
     assert answer.report["skipped"] and answer.timings_ms["render_ms"] == 0.0 and not rendered
+
+
+@pytest.mark.parametrize("augmix", [True, False])
+def test_pieces_ramp_up_where_augmix_renders_on_the_cpu(hosted: TorchModel, tmp_path, monkeypatch, augmix: bool) -> None:
+    """View 0's encode hides a one-view piece, each doubled piece its predecessor's encode (adapt/pieces.py);
+    cheap crops keep even pieces. Server (batches of at most 4 here) and edge cut alike."""
+    want = [(1, 2), (2, 4), (4, 8), (8, 10)] if augmix else [(1, 5), (5, 9), (9, 10)]
+    s = AdaptSettings(method="gs_bias", views=10, crop_scale=(0.5, 1.0), augmix=augmix, seed=3)
+    rendered: list[tuple[int, int]] = []
+    render = ImageViews._render
+    monkeypatch.setattr(ImageViews, "_render", lambda self, lo, hi: rendered.append((lo, hi)) or render(self, lo, hi))
+    img = _image()
+    views = _serve(hosted, s, img)
+    assert rendered == want and views.outcome.report.views_encoded == 10
+    whole = hosted.encode_images(render_views(hosted, img, hosted.preprocess(img), s))[0]
+    torch.testing.assert_close(views.feats, whole, atol=1e-5, rtol=1e-4)  # the same views, whatever the cut
+
+    edge = EdgeModel(tiny_bundle(hosted, tmp_path / "bundle", {"things": (LABELS, ("a photo of a {}.",))}))
+    with EdgeAdapter(edge, edge_settings({}, {"method": "gs_bias", "views": 10, "augmix": augmix})[0],
+                     render_chunk=4) as adapter:
+        sizes: list[int] = []
+        encode = edge.encode
+        monkeypatch.setattr(edge, "encode", lambda x, **kw: sizes.append(len(x)) or encode(x, **kw))
+        adapter.classify(img)
+    assert sizes == [1] + [hi - lo for lo, hi in want]
