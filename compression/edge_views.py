@@ -7,17 +7,20 @@ every other view is a RandomResizedCrop of the image (torchvision's algorithm, `
 PIL ops (azshue/TPT data/augmix_ops.py, as hzhxmu/GS-Bias uses them): `width` chains of 1..3 ops,
 Dirichlet(1) mix weights, Beta(1, 1) blend with the plain crop. What equals what:
 
-- `resized_crops` = torch `F.interpolate(crop, (S, S), mode, antialias=True).clamp(0, 1)` per view
-  (the torch path), to ~1e-5 in [0, 1] units; PIL's own resampling on 8-bit images rounds and clips
-  between its two passes and differs by up to a few hundredths. All views are resampled together
-  with block-banded separable weights (PIL's / torch's antialiased filters) and batched matmuls.
-- AugMix chains run the official PIL ops (`augmix_op`) on the crop rounded to 8 bits (the official
-  crops are 8-bit PIL images); the plain crop they are blended with stays float, as in the torch
-  path. Each chain keeps one PIL image through its ops (the official calls, bit for bit; the whole-
-  pixel translations as a crop pasted onto black, which equals PIL's affine there at a fortieth of
-  its cost), and all chains of all views are summed in one pass. Per-image PIL beat batched numpy
-  for every op (numpy's 8-bit gathers and the copies in and out of the batch cost more than PIL's C
-  loops). translate_x/y scale with S / 3 (the official code hard-codes 224), as the torch path.
+- Without AugMix, `resized_crops` = torch `F.interpolate(crop, (S, S), mode, antialias=True).clamp(0, 1)`
+  per view (the torch path), to ~1e-5 in [0, 1] units: all views resampled together with
+  block-banded separable weights (PIL's / torch's antialiased filters) and batched matmuls.
+- With AugMix, every view is built as the official AugMixAugmenter builds it: the crop cut, resized
+  and flipped in PIL on the 8-bit image (the official crops are 8-bit PIL images; PIL rounds and
+  clips between its two resampling passes, a few hundredths from the float crop), its chains of
+  official PIL ops (`augmix_op`), and the blend of that 8-bit crop with them. The chains need the
+  8-bit image anyway, and PIL's 8-bit resize is cheaper than the float one plus the rounding (155 ->
+  121 ms for 31 views at 224 px, BENCHMARKS.md). Each chain keeps one PIL image through its ops (the
+  official calls, bit for bit; the whole-pixel translations as a crop pasted onto black, which
+  equals PIL's affine there at a fortieth of its cost), and all chains of all views are summed in
+  one pass. Per-image PIL beat batched numpy for every op (numpy's 8-bit gathers and the copies in
+  and out of the batch cost more than PIL's C loops). translate_x/y scale with S / 3 (the official
+  code hard-codes 224), as the torch path.
 - Random draws come from a numpy Generator per image, apart from the transform (`sample`), so any
   view is reproducible from its `ViewParams`; they are not the torch path's draws (another RNG).
 Importing this module must never pull torch or grpc.
@@ -34,6 +37,7 @@ from PIL import Image, ImageOps
 from adaptclip.adapt.resample import FILTERS, GATHER_BUDGET, banded_weights
 from adaptclip.compression.edge_model import preprocess_image
 
+_PIL_FILTERS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 MAX_VIEW_SIDE = 4  # huge photos are shrunk to 4x the input size (short side) before cropping views
 CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)  # torchvision RandomResizedCrop default
 CROP_ATTEMPTS = 10  # torchvision tries 10 random boxes before its centre-crop fallback
@@ -240,25 +244,33 @@ class ViewRenderer:
 
     def augment(self, pixels: np.ndarray, params: ViewParams) -> np.ndarray:
         """Crop + flip (+ AugMix) every view, before normalisation: [n, 3, S, S] float32 in [0, 1]."""
+        if self.augmix and len(params):
+            return self._augmix(pixels, params)
         crops = resized_crops(pixels, params.boxes, self.image_size, self.interpolation)
         crops[params.flip] = crops[params.flip, :, :, ::-1]
-        if not self.augmix or len(params) == 0:
-            return crops
-        n, size = len(crops), self.image_size
-        eight_bit = np.empty((n, size, size, 3), np.float32)  # HWC, as PIL lays images out
-        np.multiply(crops.transpose(0, 2, 3, 1), 255.0, out=eight_bit)
-        eight_bit = np.rint(eight_bit, out=eight_bit).astype(np.uint8)  # as the official code's 8-bit PIL crops
-        chains = np.empty((self.width, n, size, size, 3), np.uint8)
-        for view in range(n):  # one PIL image per chain, kept through its ops: no array round trips
-            for chain in range(self.width):
-                image = Image.fromarray(eight_bit[view])
+        return crops
+
+    def _augmix(self, pixels: np.ndarray, params: ViewParams) -> np.ndarray:
+        """The official AugMixAugmenter from the drawn parameters: each view an 8-bit PIL crop, resized
+        and flipped in PIL, its chains of official ops, and the Beta/Dirichlet blend of the crop with
+        its chains, all chains of all views summed in one pass."""
+        n, size = len(params), self.image_size
+        source = Image.fromarray(np.rint(pixels * 255.0).astype(np.uint8))  # the 8-bit image prepare() read
+        resample = _PIL_FILTERS[self.interpolation]
+        images = np.empty((self.width + 1, n, size, size, 3), np.uint8)  # [0] the crops, [1:] their chains
+        for view, (top, left, height, width) in enumerate(params.boxes.tolist()):
+            crop = source.crop((left, top, left + width, top + height)).resize((size, size), resample)
+            if params.flip[view]:
+                crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            images[0, view] = crop
+            for chain in range(self.width):  # one PIL image per chain, kept through its ops
+                image = crop
                 for step in range(params.depth[view, chain]):
                     image = augmix_op(image, OP_NAMES[params.ops[view, chain, step]],
                                       float(params.levels[view, chain, step]), float(params.signs[view, chain, step]))
-                chains[chain, view] = image
-        # blend * crop + (1 - blend) * sum_c w_c * chain_c / 255, the chain sum in one pass
-        coef = ((1 - params.blend) * params.mix_weights.T / 255.0).astype(np.float32)  # [width, n]
-        mixed = np.einsum("cn,cnx->nx", coef, chains.reshape(self.width, n, -1)).reshape(n, size, size, 3)
-        crops *= params.blend.astype(np.float32).reshape(-1, 1, 1, 1)
-        crops += mixed.transpose(0, 3, 1, 2)
-        return crops
+                images[chain + 1, view] = image
+        # blend * crop + (1 - blend) * sum_c w_c * chain_c, in [0, 1], channels first
+        coef = (np.concatenate([params.blend[None], (1 - params.blend) * params.mix_weights.T]) / 255.0).astype(np.float32)
+        mixed = np.empty((n, 3, size * size), np.float32)
+        np.einsum("cn,cnxk->nkx", coef, images.reshape(self.width + 1, n, size * size, 3), out=mixed)
+        return mixed.reshape(n, 3, size, size)

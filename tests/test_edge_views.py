@@ -129,18 +129,23 @@ def test_augmix_equals_the_drawn_official_ops_applied_by_hand() -> None:
         signs=np.array([[[1, 1, 1], [1, 1, 1], [-1, 1, -1]], [[1, -1, 1], [-1, 1, 1], [1, 1, 1]]], float))
     assert {names[o] for v in range(2) for c in range(3) for o in params.ops[v, c, :params.depth[v, c]]} == set(names)
     got = ViewRenderer(size, MEAN, STD).augment(pixels, params)
-    for v in range(2):
-        crop = resized_crops(pixels, params.boxes[v:v + 1], size)[0]  # tested against torch below
-        crop = crop[:, :, ::-1] if params.flip[v] else crop
+    for v in range(2):  # the official AugMixAugmenter: an 8-bit PIL crop, flipped, its chains, the blend
+        top, left, h, w = params.boxes[v]
+        x_orig = image.crop((left, top, left + w, top + h)).resize((size, size), Image.Resampling.BICUBIC)
+        x_orig = x_orig.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if params.flip[v] else x_orig
+        crop = np.asarray(x_orig, np.float32).transpose(2, 0, 1) / 255
         mix = np.zeros_like(crop)
         for c in range(3):
-            im = Image.fromarray(np.round(crop.transpose(1, 2, 0) * 255).astype(np.uint8))
+            im = x_orig
             for d in range(params.depth[v, c]):
                 im = OFFICIAL[names[params.ops[v, c, d]]](im, params.levels[v, c, d], params.signs[v, c, d])
             mix += params.mix_weights[v, c] * np.asarray(im, np.float32).transpose(2, 0, 1) / 255
         want = params.blend[v] * crop + (1 - params.blend[v]) * mix
         np.testing.assert_allclose(got[v], want, rtol=0, atol=1e-5)
         assert np.abs(got[v] - crop).max() > 0.05
+        float_crop = resized_crops(pixels, params.boxes[v:v + 1], size)[0]  # the crop without AugMix (= torch's)
+        float_crop = float_crop[:, :, ::-1] if params.flip[v] else float_crop
+        assert np.abs(crop - float_crop).mean() < 2 / 255  # PIL's 8-bit resize: rounding apart
 
 
 @pytest.mark.parametrize("size", [32, 57])
