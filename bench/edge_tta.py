@@ -11,9 +11,11 @@ One run, two parts:
   cost      per image at --views V (default 32 and 64), GS-Bias over all V views (no gate, no early
             stop): render, encode, adapt and the wall time of the whole path (rendering overlapped
             with encoding on both), against "the encoder over its views" (view 0 with patches + the
-            V - 1 views, encoded alone in the same pieces). Torch = the server's ImageViews +
-            classify_image with a real batcher; edge = EdgeAdapter.classify. Models: the CIFAR model
-            (its bundle) and ViT-B-32 random init (its bundle), with the bundle's crops / AugMix.
+            V - 1 views in even pieces of RENDER_CHUNK, encoded alone; the paths cut AugMix views
+            into a ramp of pieces, adapt/pieces.py). Each timed run starts after QUIET_S idle.
+            Torch = the server's ImageViews + classify_image with a real batcher; edge =
+            EdgeAdapter.classify. Models: the CIFAR model (its bundle) and ViT-B-32 random init
+            (its bundle), with the bundle's crops / AugMix.
 
     .venv/bin/python bench/edge_tta.py --cifar-bundle B --cifar-model JSON --cifar-pretrained PT \\
         --b32-bundle B32 --per-class 40 --out bench/results/edge_tta.json
@@ -36,6 +38,7 @@ import torch
 
 from adaptclip.adapt.data import decode_shifted, load_folder
 from adaptclip.adapt.methods import adapt_views
+from adaptclip.adapt.pieces import RENDER_CHUNK
 from adaptclip.adapt.shifts import SHIFT_NAMES, get_shift
 from adaptclip.adapt.views import ViewGenerator, render_views
 from adaptclip.compression.edge_model import EdgeModel
@@ -44,7 +47,7 @@ from adaptclip.compression.edge_views import ViewParams, ViewRenderer
 from adaptclip.compression.models import ModelSpec, load_model
 from adaptclip.server.config import BatchingConfig
 from adaptclip.server.hosting import Hosted
-from adaptclip.server.pipeline import RENDER_CHUNK, ImageViews, classify_image
+from adaptclip.server.pipeline import ImageViews, classify_image
 
 
 def accuracy(args: argparse.Namespace, edge: EdgeModel, hosted, log) -> dict:
@@ -113,6 +116,16 @@ class TorchDrawnRenderer(ViewRenderer):
                                    boxes=np.asarray(drawn.boxes, np.int64).reshape(n, 4))
 
 
+QUIET_S = 0.1  # idle before each timed run: onnxruntime's intra-op workers spin ~30-40 ms after a Run
+
+
+def _quiet() -> None:
+    """Let the other library's spinning worker threads go idle, so an interleaved measurement does not
+    time one path against the other's leftover spin (one core busy for ~30-40 ms after an onnxruntime
+    Run here, ~10 ms after torch's OpenMP ops); production runs one of them, not both in turn."""
+    time.sleep(QUIET_S)
+
+
 def _torch_path(hosted_model, images, s, classifier, pool, timed: bool = True) -> list[dict]:
     """The server's view path per image: ImageViews (rendering overlapped with the batcher) + the loop
     (gate, chunks, early stop as set); `timed` adds the stage times and the encoder alone."""
@@ -128,6 +141,8 @@ def _torch_path(hosted_model, images, s, classifier, pool, timed: bool = True) -
                     return img, view0
 
                 views = ImageViews(hosted, s, decode, None, pool)
+                if timed:
+                    _quiet()
                 start = time.perf_counter()
                 out = await classify_image(hosted, views, classifier, (), s, pool)
                 wall = time.perf_counter() - start
@@ -154,9 +169,10 @@ def _torch_path(hosted_model, images, s, classifier, pool, timed: bool = True) -
 def _torch_encoder_ms(model, img, view0, s) -> float:
     """The encoder over the image's views alone, in the pieces the pipeline sends."""
     views = render_views(model, img, view0, s)
+    _quiet()
     start = time.perf_counter()
     model.encode_images(views[:1], with_patches=True)
-    for lo in range(1, s.views, RENDER_CHUNK):
+    for lo in range(1, s.views, RENDER_CHUNK):  # even pieces: the encoder as it batches best, not the ramp
         model.encode_images(views[lo:lo + RENDER_CHUNK])
     return 1000 * (time.perf_counter() - start)
 
@@ -165,9 +181,11 @@ def _edge_path(edge: EdgeModel, images, s) -> list[dict]:
     rows = []
     with EdgeAdapter(edge, s) as adapter:
         for img in images:
+            _quiet()
             answer = adapter.classify(img)
             assert answer.report["views_encoded"] == s.views and not answer.report["global_only"]
             views = adapter.renderer(img, s.views, seed=s.seed)
+            _quiet()
             start = time.perf_counter()
             edge.encode(views[:1], with_patches=True)
             for lo in range(1, s.views, adapter.render_chunk):
