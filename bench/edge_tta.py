@@ -59,6 +59,7 @@ def accuracy(args: argparse.Namespace, edge: EdgeModel, hosted, log) -> dict:
     log(f"accuracy: {len(data.paths)} images x {len(shifts)} shifts, settings {base}")
     out: dict = {"images_per_shift": len(data.paths), "settings": str(base), "ignored": ignored, "shifts": {}}
     pool = concurrent.futures.ThreadPoolExecutor(2)
+    torch_path = TorchPath(hosted, classifier, pool)
     seconds = {"torch": 0.0, "edge": 0.0}
     with EdgeAdapter(edge, base) as adapter:
         if args.same_views:
@@ -76,19 +77,19 @@ def accuracy(args: argparse.Namespace, edge: EdgeModel, hosted, log) -> dict:
                 hits["edge_zero_shot"] += int(np.argmax(answer.zero_shot) == label)
                 views["edge"] += answer.report["views_encoded"]
                 start = time.perf_counter()
-                (row,) = _torch_path(hosted, [img], base.replace(seed=base.seed + i), classifier, pool, timed=False)
+                row = torch_path(img, base.replace(seed=base.seed + i), timed=False)
                 seconds["torch"] += time.perf_counter() - start
                 hits["torch_gs_bias"] += int(row["top1"] == label)
                 hits["torch_zero_shot"] += int(row["zero_shot_top1"] == label)
                 views["torch"] += row["views_encoded"]
                 if args.reseed:  # the same torch path with other views: how much the view draws alone move it
-                    (other,) = _torch_path(hosted, [img], base.replace(seed=base.seed + i + args.reseed), classifier,
-                                           pool, timed=False)
+                    other = torch_path(img, base.replace(seed=base.seed + i + args.reseed), timed=False)
                     hits["torch_gs_bias_reseeded"] = hits.get("torch_gs_bias_reseeded", 0) + int(other["top1"] == label)
             n = len(data.paths)
             out["shifts"][shift.name] = {**{k: 100 * v / n for k, v in hits.items()},
                                          **{f"{k}_views_mean": v / n for k, v in views.items()}}
             log(f"  {shift.name}: {json.dumps(out['shifts'][shift.name])}")
+    torch_path.close()
     pool.shutdown()
     out["seconds"] = {k: round(v, 1) for k, v in seconds.items()}
     rows = out["shifts"].values()
@@ -126,43 +127,50 @@ def _quiet() -> None:
     time.sleep(QUIET_S)
 
 
-def _torch_path(hosted_model, images, s, classifier, pool, timed: bool = True) -> list[dict]:
-    """The server's view path per image: ImageViews (rendering overlapped with the batcher) + the loop
-    (gate, chunks, early stop as set); `timed` adds the stage times and the encoder alone."""
-    async def main() -> list[dict]:
-        hosted = Hosted(hosted_model)
-        hosted.start(BatchingConfig(max_batch_size=64))
-        rows = []
-        try:
-            for img in images:
-                view0 = hosted_model.preprocess(img)
+class TorchPath:
+    """The server's view path for one model, kept across images as a server keeps it (one event loop,
+    one Hosted: its batcher and encoder thread; a fresh one per image timed thread start-up too):
+    ImageViews (rendering overlapped with the batcher) + the loop (gate, chunks, early stop as set)."""
 
-                async def decode(img=img, view0=view0):
-                    return img, view0
+    def __init__(self, model, classifier, pool) -> None:
+        self.model, self.classifier, self.pool = model, classifier, pool
+        self.loop = asyncio.new_event_loop()
+        self.hosted = Hosted(model)
+        self.loop.run_until_complete(self._start())
 
-                views = ImageViews(hosted, s, decode, None, pool)
-                if timed:
-                    _quiet()
-                start = time.perf_counter()
-                out = await classify_image(hosted, views, classifier, (), s, pool)
-                wall = time.perf_counter() - start
-                logits = out.zero_shot if out.result is None else out.result.logits
-                row = {"top1": int(logits.argmax()), "zero_shot_top1": int(out.zero_shot.argmax()),
-                       "views_encoded": out.report.views_encoded}
-                if not timed:
-                    rows.append(row)
-                    continue
-                t0 = time.perf_counter()
-                adapt_views(s, views.feats, views.patches, classifier, hosted_model.logit_scale)
-                adapt = time.perf_counter() - t0
-                assert out.report.views_encoded == s.views
-                rows.append({"wall_ms": 1000 * wall, "render_ms": views.render_us / 1000,
-                             "encode_ms": views.encode_us / 1000, "adapt_ms": 1000 * adapt,
-                             "encoder_only_ms": _torch_encoder_ms(hosted_model, img, view0, s)})
-        finally:
-            await hosted.close()
-        return rows
-    return asyncio.run(main())
+    async def _start(self) -> None:
+        self.hosted.start(BatchingConfig(max_batch_size=64))
+
+    def close(self) -> None:
+        self.loop.run_until_complete(self.hosted.close())  # a torch model holds nothing to free: it lives on
+        self.loop.close()
+
+    def __call__(self, img, s, timed: bool = True) -> dict:
+        """One image; `timed` adds the stage times and the encoder alone."""
+        return self.loop.run_until_complete(self._one(img, s, timed))
+
+    async def _one(self, img, s, timed: bool) -> dict:
+        view0 = self.model.preprocess(img)
+
+        async def decode():
+            return img, view0
+
+        views = ImageViews(self.hosted, s, decode, None, self.pool)
+        if timed:
+            _quiet()
+        start = time.perf_counter()
+        out = await classify_image(self.hosted, views, self.classifier, (), s, self.pool)
+        wall = time.perf_counter() - start
+        logits = out.zero_shot if out.result is None else out.result.logits
+        if not timed:
+            return {"top1": int(logits.argmax()), "zero_shot_top1": int(out.zero_shot.argmax()),
+                    "views_encoded": out.report.views_encoded}
+        t0 = time.perf_counter()
+        adapt_views(s, views.feats, views.patches, self.classifier, self.model.logit_scale)
+        adapt = time.perf_counter() - t0
+        assert out.report.views_encoded == s.views
+        return {"wall_ms": 1000 * wall, "render_ms": views.render_us / 1000, "encode_ms": views.encode_us / 1000,
+                "adapt_ms": 1000 * adapt, "encoder_only_ms": _torch_encoder_ms(self.model, img, view0, s)}
 
 
 @torch.inference_mode()
@@ -177,23 +185,21 @@ def _torch_encoder_ms(model, img, view0, s) -> float:
     return 1000 * (time.perf_counter() - start)
 
 
-def _edge_path(edge: EdgeModel, images, s) -> list[dict]:
-    rows = []
-    with EdgeAdapter(edge, s) as adapter:
-        for img in images:
-            _quiet()
-            answer = adapter.classify(img)
-            assert answer.report["views_encoded"] == s.views and not answer.report["global_only"]
-            views = adapter.renderer(img, s.views, seed=s.seed)
-            _quiet()
-            start = time.perf_counter()
-            edge.encode(views[:1], with_patches=True)
-            for lo in range(1, s.views, adapter.render_chunk):
-                edge.encode(views[lo:lo + adapter.render_chunk])
-            t = answer.timings_ms
-            rows.append({"wall_ms": t["total_ms"], "render_ms": t["render_ms"], "encode_ms": t["encode_ms"],
-                         "adapt_ms": t["adapt_ms"], "encoder_only_ms": 1000 * (time.perf_counter() - start)})
-    return rows
+def _edge_path(adapter: EdgeAdapter, img) -> dict:
+    """One image through the adapter (kept across images, as an edge runner keeps it), and the encoder alone."""
+    edge, s = adapter.model, adapter.s
+    _quiet()
+    answer = adapter.classify(img)
+    assert answer.report["views_encoded"] == s.views and not answer.report["global_only"]
+    views = adapter.renderer(img, s.views, seed=s.seed)
+    _quiet()
+    start = time.perf_counter()
+    edge.encode(views[:1], with_patches=True)
+    for lo in range(1, s.views, adapter.render_chunk):
+        edge.encode(views[lo:lo + adapter.render_chunk])
+    t = answer.timings_ms
+    return {"wall_ms": t["total_ms"], "render_ms": t["render_ms"], "encode_ms": t["encode_ms"],
+            "adapt_ms": t["adapt_ms"], "encoder_only_ms": 1000 * (time.perf_counter() - start)}
 
 
 def _summary(rows: list[dict]) -> dict:
@@ -218,15 +224,18 @@ def cost(name: str, edge: EdgeModel, hosted, images, views_list, log, repeats: i
     out = {}
     for n_views in views_list:
         s = base.replace(method="gs_bias", views=n_views, skip_entropy=0.0, view_chunk=0)
-        _edge_path(edge, images[:1], s), _torch_path(hosted, images[:1], s, classifier, pool)  # warm-up
-        edge_rows, torch_rows = [], []
-        for img in images:  # interleaved, so both paths see the same machine load
-            edge_reps, torch_reps = [], []
-            for _ in range(repeats):
-                edge_reps += _edge_path(edge, [img], s)
-                torch_reps += _torch_path(hosted, [img], s, classifier, pool)
-            edge_rows.append(_best(edge_reps))
-            torch_rows.append(_best(torch_reps))
+        torch_path = TorchPath(hosted, classifier, pool)
+        with EdgeAdapter(edge, s) as adapter:
+            _edge_path(adapter, images[0]), torch_path(images[0], s)  # warm-up
+            edge_rows, torch_rows = [], []
+            for img in images:  # interleaved, so both paths see the same machine load
+                edge_reps, torch_reps = [], []
+                for _ in range(repeats):
+                    edge_reps.append(_edge_path(adapter, img))
+                    torch_reps.append(torch_path(img, s))
+                edge_rows.append(_best(edge_reps))
+                torch_rows.append(_best(torch_reps))
+        torch_path.close()
         e, t = _summary(edge_rows), _summary(torch_rows)
         speedup = statistics.median(tr["wall_ms"] / er["wall_ms"] for tr, er in zip(torch_rows, edge_rows))
         out[str(n_views)] = {"edge_int8": e, "torch_fp32": t, "torch_over_edge_wall": round(speedup, 3),
