@@ -270,7 +270,8 @@ class ViewRenderer:
                                       float(params.levels[view, chain, step]), float(params.signs[view, chain, step]))
                 images[chain + 1, view] = image
         # blend * crop + (1 - blend) * sum_c w_c * chain_c, in [0, 1], channels first
-        coef = (np.concatenate([params.blend[None], (1 - params.blend) * params.mix_weights.T]) / 255.0).astype(np.float32)
+        coef = np.concatenate([params.blend[None], (1 - params.blend) * params.mix_weights.T]) / 255.0
+        coef = coef.astype(np.float32)
         mixed = np.empty((n, 3, size * size), np.float32)
         np.einsum("cn,cnxk->nkx", coef, images.reshape(self.width + 1, n, size * size, 3), out=mixed)
         return mixed.reshape(n, 3, size, size)

@@ -2,10 +2,10 @@
 
 `ImageViews` is the server's view source for `adapt.loop.adapt_image`: it decodes and renders only when
 something is missing, renders the views a piece at a time on the worker pool (piece k + 1 while piece
-k waits for the shared encoder batcher; pieces as adapt/pieces.py cuts them, small first where AugMix renders on the CPU;
-the draws are made up front, `adapt.views.view_plan`, so any split gives the same views; the plan,
-and the first piece when no confidence gate can skip the views, are drawn while view 0 is encoded),
-and hands the cache what it computed. The loop itself (gate, chunks, early stop, method) is the one
+k waits for the shared encoder batcher; pieces as adapt/pieces.py cuts them, small first where AugMix
+renders on the CPU; the draws are made up front, `adapt.views.view_plan`, so any split gives the same
+views; the plan, and the first piece when no confidence gate can skip the views, are drawn while view
+0 is encoded), and hands the cache what it computed. The loop itself (gate, chunks, early stop, method) is the one
 the accuracy harness runs.
 """
 from __future__ import annotations
@@ -87,18 +87,18 @@ class ImageViews:
         have = self.feats.shape[0]
         if have < n:
             loop = asyncio.get_running_loop()
-            first_piece = None
+            prefetched = None
             if self._ahead is not None:
-                first_piece, self._ahead = await self._ahead, None
+                prefetched, self._ahead = await self._ahead, None
             if self._plan is None:
                 img, view0 = await self._decoded()
                 self._plan = await loop.run_in_executor(self.pool, view_plan, self.hosted.model, img, view0, self.s)
             pieces = render_pieces(have, n, *self._cut())
             submitted: list[asyncio.Future] = []
             try:
-                if first_piece is not None and have == 1 and first_piece.shape[0] == pieces[0][1] - 1:
+                if prefetched is not None and have == 1 and prefetched.shape[0] == pieces[0][1] - 1:
                     rendering = loop.create_future()
-                    rendering.set_result(first_piece)
+                    rendering.set_result(prefetched)
                 else:
                     rendering = loop.run_in_executor(self.pool, self._render, *pieces[0])
                 for i in range(len(pieces)):

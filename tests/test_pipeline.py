@@ -79,7 +79,8 @@ def test_a_skipped_image_renders_no_views(hosted: TorchModel, tmp_path) -> None:
 
 
 @pytest.mark.parametrize("augmix", [True, False])
-def test_pieces_ramp_up_where_augmix_renders_on_the_cpu(hosted: TorchModel, tmp_path, monkeypatch, augmix: bool) -> None:
+def test_pieces_ramp_up_where_augmix_renders_on_the_cpu(hosted: TorchModel, tmp_path, monkeypatch,
+                                                        augmix: bool) -> None:
     """View 0's encode hides a one-view piece, each doubled piece its predecessor's encode (adapt/pieces.py);
     cheap crops keep even pieces. Server (batches of at most 4 here) and edge cut alike."""
     want = [(1, 2), (2, 4), (4, 8), (8, 10)] if augmix else [(1, 5), (5, 9), (9, 10)]
