@@ -18,8 +18,9 @@ mix Beta(1, 1)-blended with the crop. Differences from the PIL original, all del
   per view (used above that size, where it is faster) to ~1e-5 (float32 summation order).
 - Mixing happens before normalisation (affine, weights summing to 1: the same result).
 - translate_x/y scale with S / 3 (the official code hard-codes 224) and are slice copies.
-- Random numbers come from a torch.Generator per image (see `ViewGenerator.__call__`), not
-  numpy's global RNG, so the same seed gives the same views on any device and in any batch.
+- Random numbers are `adapt.draws.draw_views`, one numpy Generator per image seed (see
+  `ViewGenerator.__call__`), not a global RNG, so the same seed gives the same views on any device,
+  in any batch, and on the edge runner (compression/edge_views.py renders the same draws).
 
 `backend="triton"` (or "auto" on CUDA) renders with adaptclip.kernels.views from the same draws: without
 AugMix all of a batch (crop, flip, normalise, cast) in one launch, with it the crops; within 1e-3 of torch.
@@ -44,6 +45,7 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 from torch import Tensor
 
+from adaptclip.adapt.draws import OP_NAMES, ViewParams, draw_views, shrink_for_views
 from adaptclip.adapt.resample import GATHER_BUDGET, banded_weights
 from adaptclip.adapt.settings import AdaptSettings
 from adaptclip.kernels.backend import check_backend, resolve
@@ -51,10 +53,7 @@ from adaptclip.kernels.backend import check_backend, resolve
 if TYPE_CHECKING:
     from adaptclip.adapt.encoder import EncoderModel
 
-_CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)  # torchvision RandomResizedCrop default
-_CROP_ATTEMPTS = 10  # torchvision tries 10 random boxes before its centre-crop fallback
 _INTERPOLATIONS = ("bilinear", "bicubic")
-MAX_VIEW_SIDE = 4  # huge photos are shrunk to 4x the input size (short side) before cropping views
 # Up to this output side all crops are resized in batched matmuls (2x faster at 32 px, 1.2-2x to 128 px,
 # one CPU thread); beyond, torch's per-view aa kernel wins (0.7-1x at 224 px): BENCHMARKS.md, issue 17.
 BATCHED_MAX_SIDE = 128
@@ -62,16 +61,26 @@ BATCHED_MAX_SIDE = 128
 
 @dataclass(frozen=True)
 class _Params:
-    """Random draws for the augmented views of one image (CPU tensors, n = n_views - 1)."""
+    """The shared draws (`adapt.draws.ViewParams`) of one image's augmented views as CPU tensors."""
 
     boxes: list[tuple[int, int, int, int]]  # (top, left, height, width) per view
     flip: Tensor  # [n] bool
     mix_weights: Tensor  # [n, width] Dirichlet(1)
     blend: Tensor  # [n] Beta(1, 1): weight of the plain crop
     depth: Tensor  # [n, width] ops per chain
-    ops: Tensor  # [n, width, max_depth] index into _OP_NAMES
+    ops: Tensor  # [n, width, max_depth] index into OP_NAMES
     levels: Tensor  # [n, width, max_depth] AugMix sample_level(severity)
     signs: Tensor  # [n, width, max_depth] +-1 for the signed ops
+
+    @classmethod
+    def of(cls, d: ViewParams) -> _Params:
+        """The tensors of numpy draws (float32, as the ops compute)."""
+        def as_float(a: np.ndarray) -> Tensor:
+            return torch.from_numpy(np.asarray(a, np.float32))
+
+        return cls([tuple(b) for b in d.boxes.tolist()], torch.from_numpy(d.flip), as_float(d.mix_weights),
+                   as_float(d.blend), torch.from_numpy(d.depth), torch.from_numpy(d.ops), as_float(d.levels),
+                   as_float(d.signs))
 
     def select(self, lo: int, hi: int) -> _Params:
         """The draws of views lo..hi-1 only."""
@@ -122,7 +131,7 @@ class ViewGenerator:
 
         images: B tensors [3, H, W], float in [0, 1], any sizes (moved to base_views' device).
         base_views: [B, 3, S, S] view 0, already normalised by the model's own transform.
-        seed: image i draws from a torch.Generator seeded with `seed + i` (an int), `seed[i]`
+        seed: image i's views are drawn with seed `seed + i` (an int), `seed[i]`
             (a sequence of B ints), or a seed taken from torch's global RNG (None). So a batch
             gives exactly the views its images get one at a time with their own seeds.
         """
@@ -130,8 +139,7 @@ class ViewGenerator:
         if n_views == 1:
             return base_views.unsqueeze(1)
         device = base_views.device
-        params = [self._sample(torch.Generator(device="cpu").manual_seed(image_seed), n_views - 1, *image.shape[-2:])
-                  for image, image_seed in zip(images, seeds)]
+        params = [self._sample(image_seed, n_views - 1, *image.shape[-2:]) for image, image_seed in zip(images, seeds)]
         if not self.augmix and resolve(self.backend, device) == "triton":
             return torch.cat([base_views.unsqueeze(1), self._kernel_views(images, params, base_views)], dim=1)
         augmented = torch.stack([self._normalized(image.to(device=device, dtype=torch.float32), p, base_views.dtype)
@@ -142,7 +150,7 @@ class ViewGenerator:
         """One image's n_views views (view 0 = base_view [3, S, S]), drawn now and rendered by range:
         `plan.render(0, n_views)` equals `self([image], base_view[None], n_views, seed)[0]`."""
         self._validate_call([image], base_view.unsqueeze(0), n_views, seed)
-        params = self._sample(torch.Generator(device="cpu").manual_seed(seed), n_views - 1, *image.shape[-2:])
+        params = self._sample(seed, n_views - 1, *image.shape[-2:])
         return ViewPlan(self, image.to(device=base_view.device, dtype=torch.float32), base_view, params)
 
     def _normalized(self, image: Tensor, params: _Params, dtype: torch.dtype) -> Tensor:
@@ -175,24 +183,10 @@ class ViewGenerator:
             raise ValueError(f"seed must be an int, None, or {len(images)} ints, got {seed!r}")
         return seeds
 
-    def _sample(self, g: torch.Generator, n: int, height: int, width: int) -> _Params:
-        """All random draws for n views of one image, in a fixed order from one generator."""
-        boxes = _crop_boxes(g, n, height, width, self.crop_scale)
-        flip = torch.rand(n, generator=g) < 0.5
-        chains, max_depth = self.width, (3 if self.depth == -1 else self.depth)
-        # Dirichlet(1, ..., 1) = normalised Exp(1) draws; Beta(1, 1) = Uniform(0, 1).
-        exp_draws = -torch.log1p(-torch.rand(n, chains, generator=g))
-        mix_weights = exp_draws / exp_draws.sum(dim=-1, keepdim=True)
-        blend = torch.rand(n, generator=g)
-        if self.depth == -1:
-            depth = torch.randint(1, 4, (n, chains), generator=g)
-        else:
-            depth = torch.full((n, chains), self.depth)
-        ops = torch.randint(0, len(_OP_NAMES), (n, chains, max_depth), generator=g)
-        # AugMix sample_level: Uniform(0.1, severity).
-        levels = 0.1 + (self.severity - 0.1) * torch.rand(n, chains, max_depth, generator=g)
-        signs = torch.where(torch.rand(n, chains, max_depth, generator=g) > 0.5, -1.0, 1.0)
-        return _Params(boxes, flip, mix_weights, blend, depth, ops, levels, signs)
+    def _sample(self, seed: int, n: int, height: int, width: int) -> _Params:
+        """All random draws for n views of one image: `adapt.draws.draw_views`, the edge renderer's too."""
+        return _Params.of(draw_views(seed, n, height, width, crop_scale=self.crop_scale, chains=self.width,
+                                     depth=self.depth, severity=self.severity))
 
     def _kernel_views(self, images: Sequence[Tensor], params: Sequence[_Params], base_views: Tensor) -> Tensor:
         """The augmented views [B, n, 3, S, S] of `params` without AugMix, cropped, flipped, normalised
@@ -232,7 +226,7 @@ class ViewGenerator:
         for chain in range(self.width):
             x = crops.clone()
             for step in range(p.ops.shape[-1]):
-                for op_index, op in enumerate(_OP_NAMES):
+                for op_index, op in enumerate(OP_NAMES):
                     chosen = (p.depth[:, chain] > step) & (p.ops[:, chain, step] == op_index)
                     if chosen.any():
                         rows = chosen.nonzero().squeeze(1)
@@ -313,10 +307,7 @@ def view_plan(model: EncoderModel, img: Image.Image, view0: Tensor, s: AdaptSett
     range: view 0 its own preprocessing (given), the rest augmented with the settings' crops and AugMix,
     on the model's device with its view backend (`model.kernels.views`)."""
     size = model.image_size
-    short = min(img.size)
-    if short > MAX_VIEW_SIDE * size:
-        factor = MAX_VIEW_SIDE * size / short
-        img = img.resize((round(img.width * factor), round(img.height * factor)), Image.BICUBIC)
+    img = shrink_for_views(img, size)
     gen = _generator(size, model.mean, model.std, s.crop_scale, s.use_augmix, model.kernels.views)
     return gen.plan(TF.to_tensor(img), view0.to(model.device), s.views, s.seed)
 
@@ -324,40 +315,6 @@ def view_plan(model: EncoderModel, img: Image.Image, view0: Tensor, s: AdaptSett
 def render_views(model: EncoderModel, img: Image.Image, view0: Tensor, s: AdaptSettings) -> Tensor:
     """[V, 3, S, S] views of `view_plan`, all at once, on the CPU (encoder batches are assembled there)."""
     return view_plan(model, img, view0, s).render(0, s.views).cpu()
-
-
-def _crop_boxes(g: torch.Generator, n: int, height: int, width: int,
-                scale: tuple[float, float]) -> list[tuple[int, int, int, int]]:
-    """torchvision RandomResizedCrop.get_params, vectorised over n views: 10 random tries,
-    the first that fits wins, else a centre crop with the aspect ratio clamped."""
-    area = height * width
-    target = area * (scale[0] + (scale[1] - scale[0]) * torch.rand(n, _CROP_ATTEMPTS, generator=g,
-                                                                   dtype=torch.float64))
-    log_lo, log_hi = math.log(_CROP_RATIO[0]), math.log(_CROP_RATIO[1])
-    aspect = torch.exp(log_lo + (log_hi - log_lo) * torch.rand(n, _CROP_ATTEMPTS, generator=g,
-                                                               dtype=torch.float64))
-    ws = torch.round(torch.sqrt(target * aspect)).long()
-    hs = torch.round(torch.sqrt(target / aspect)).long()
-    offsets = torch.rand(n, 2, generator=g, dtype=torch.float64)
-    boxes = []
-    for v in range(n):
-        fits = ((ws[v] > 0) & (ws[v] <= width) & (hs[v] > 0) & (hs[v] <= height)).nonzero()
-        if len(fits):
-            a = int(fits[0])
-            h, w = int(hs[v, a]), int(ws[v, a])
-            top = int(offsets[v, 0] * (height - h + 1))
-            left = int(offsets[v, 1] * (width - w + 1))
-        else:
-            in_ratio = width / height
-            if in_ratio < _CROP_RATIO[0]:
-                w, h = width, int(round(width / _CROP_RATIO[0]))
-            elif in_ratio > _CROP_RATIO[1]:
-                h, w = height, int(round(height * _CROP_RATIO[1]))
-            else:
-                h, w = height, width
-            top, left = (height - h) // 2, (width - w) // 2
-        boxes.append((top, left, h, w))
-    return boxes
 
 
 def _autocontrast(x: Tensor) -> Tensor:
@@ -397,4 +354,3 @@ _OPS: dict[str, Callable[[Tensor, Tensor, Tensor], Tensor]] = {
     "translate_x": lambda x, level, sign: _translate(x, -(level * x.shape[-1] / 3 / 10).floor() * sign, 0),
     "translate_y": lambda x, level, sign: _translate(x, -(level * x.shape[-1] / 3 / 10).floor() * sign, 1),
 }
-_OP_NAMES = tuple(_OPS)

@@ -6,8 +6,8 @@ One run, two parts:
             SUITE): edge zero-shot, edge GS-Bias (the W8A8 bundle, compression/edge_tta.py) and torch
             GS-Bias (fp32, the served loop), all with the bundle's recorded adaptation
             block (examples/cifar-clip.yaml's: gate, chunks, crops). Image i is corrupted and its views
-            drawn with seed + i on both paths (different RNGs: numpy on the edge, torch there;
-            `--same-views` gives the edge the torch path's crop and flip draws, a control).
+            drawn with seed + i on both paths: the same draws (adapt/draws.py), so the same views up
+            to each renderer's arithmetic, and the gap is the INT8 bundle against the fp32 model.
   cost      per image at --views V (default 32 and 64), GS-Bias over all V views (no gate, no early
             stop): render, encode, adapt and the wall time of the whole path (rendering overlapped
             with encoding on both), against "the encoder over its views" (view 0 with patches + the
@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import concurrent.futures
-import dataclasses
 import json
 import os
 import platform
@@ -40,10 +39,9 @@ from adaptclip.adapt.data import decode_shifted, load_folder
 from adaptclip.adapt.methods import adapt_views
 from adaptclip.adapt.pieces import RENDER_CHUNK
 from adaptclip.adapt.shifts import SHIFT_NAMES, get_shift
-from adaptclip.adapt.views import ViewGenerator, render_views
+from adaptclip.adapt.views import render_views
 from adaptclip.compression.edge_model import EdgeModel
 from adaptclip.compression.edge_tta import EdgeAdapter, edge_settings
-from adaptclip.compression.edge_views import ViewParams, ViewRenderer
 from adaptclip.compression.models import ModelSpec, load_model
 from adaptclip.server.config import BatchingConfig
 from adaptclip.server.hosting import Hosted
@@ -62,9 +60,6 @@ def accuracy(args: argparse.Namespace, edge: EdgeModel, hosted, log) -> dict:
     torch_path = TorchPath(hosted, classifier, pool)
     seconds = {"torch": 0.0, "edge": 0.0}
     with EdgeAdapter(edge, base) as adapter:
-        if args.same_views:
-            adapter.renderer = TorchDrawnRenderer(adapter.renderer, hosted, base)
-            out["same_views"] = True
         for shift in shifts:
             hits = dict.fromkeys(("edge_zero_shot", "edge_gs_bias", "torch_zero_shot", "torch_gs_bias"), 0)
             views = {"edge": 0, "torch": 0}
@@ -96,25 +91,6 @@ def accuracy(args: argparse.Namespace, edge: EdgeModel, hosted, log) -> dict:
     out["mean"] = {k: statistics.mean(r[k] for r in rows) for k in hits}
     out["edge_minus_torch_gs_bias"] = out["mean"]["edge_gs_bias"] - out["mean"]["torch_gs_bias"]
     return out
-
-
-class TorchDrawnRenderer(ViewRenderer):
-    """The edge renderer with the torch path's draws (its ViewGenerator, seeded alike): both paths then
-    crop and flip the same boxes (the rendered views come out equal: BENCHMARKS.md), so their gap is
-    the INT8 bundle, not which views were drawn. Crops and flips only: AugMix's draws are not mapped."""
-
-    def __init__(self, base: ViewRenderer, model, s) -> None:
-        if s.use_augmix:
-            raise ValueError("--same-views maps crops and flips only: run it with AugMix off")
-        self.__dict__.update(base.__dict__)
-        self.torch_views = ViewGenerator(model.image_size, model.mean, model.std, crop_scale=s.crop_scale, augmix=False)
-
-    def sample(self, rng: np.random.Generator, n: int, height: int, width: int) -> ViewParams:
-        seed = int(rng.bit_generator.seed_seq.entropy)  # EdgeAdapter seeds default_rng with the view seed
-        drawn = self.torch_views.plan(torch.zeros(3, height, width), torch.zeros(3, self.image_size, self.image_size),
-                                      n + 1, seed).params
-        return dataclasses.replace(super().sample(rng, n, height, width), flip=drawn.flip.numpy(),
-                                   boxes=np.asarray(drawn.boxes, np.int64).reshape(n, 4))
 
 
 QUIET_S = 0.1  # idle before each timed run: onnxruntime's intra-op workers spin ~30-40 ms after a Run
@@ -259,8 +235,6 @@ def main() -> None:
     p.add_argument("--skip-cost", action="store_true")
     p.add_argument("--reseed", type=int, default=0,
                    help="also run torch GS-Bias with views drawn from seed + i + RESEED (a noise control)")
-    p.add_argument("--same-views", action="store_true",
-                   help="the edge renders the torch path's crop and flip draws (a control: the gap without view luck)")
     p.add_argument("--threads", type=int, default=2, help="torch and onnxruntime intra-op threads, both")
     p.add_argument("--repeats", type=int, default=1,
                    help="cost: each image's paths this many times, interleaved; each time is the least of its repeats")

@@ -49,7 +49,7 @@ def measure(args: argparse.Namespace) -> dict:
         for i, img in enumerate([images[0], *images]):  # the first image warms up
             start = time.perf_counter()
             pixels = edge.prepare(img)
-            edge.render(pixels, edge.sample(np.random.default_rng(i), args.views - 1, *pixels.shape[:2]))
+            edge.render(pixels, edge.sample(i, args.views - 1, *pixels.shape[:2]))
             edge_ms = 1000 * (time.perf_counter() - start)
             tensor = torch.from_numpy(np.asarray(img, np.float32) / 255.0).permute(2, 0, 1).contiguous()
             start = time.perf_counter()

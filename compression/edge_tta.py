@@ -154,7 +154,7 @@ class EdgeAdapter:
         confidence gate can skip them (as the server's ImageViews; a skipped image renders nothing).
         Returns the piece renderer and the first piece's (views, seconds)."""
         pixels = self.renderer.prepare(image)
-        params = self.renderer.sample(np.random.default_rng(seed), self.s.views - 1, *pixels.shape[:2])
+        params = self.renderer.sample(seed, self.s.views - 1, *pixels.shape[:2])
 
         def render(lo: int, hi: int) -> tuple[np.ndarray, float]:
             start = time.perf_counter()

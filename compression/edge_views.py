@@ -2,8 +2,8 @@
 
 The torch-free counterpart of `adaptclip.adapt.views.ViewGenerator` (and of the shrink step of its
 `render_views`): view 0 is the model's plain preprocessing (`compression.edge.preprocess_image`);
-every other view is a RandomResizedCrop of the image (torchvision's algorithm, `crop_boxes` =
-`adapt.views._crop_boxes`), a horizontal flip with p = 0.5, then optionally AugMix with the official
+every other view is a RandomResizedCrop of the image (torchvision's algorithm), a horizontal flip
+with p = 0.5, then optionally AugMix with the official
 PIL ops (azshue/TPT data/augmix_ops.py, as hzhxmu/GS-Bias uses them): `width` chains of 1..3 ops,
 Dirichlet(1) mix weights, Beta(1, 1) blend with the plain crop. What equals what:
 
@@ -21,74 +21,23 @@ Dirichlet(1) mix weights, Beta(1, 1) blend with the plain crop. What equals what
   one pass. Per-image PIL beat batched numpy for every op (numpy's 8-bit gathers and the copies in
   and out of the batch cost more than PIL's C loops). translate_x/y scale with S / 3 (the official
   code hard-codes 224), as the torch path.
-- Random draws come from a numpy Generator per image, apart from the transform (`sample`), so any
-  view is reproducible from its `ViewParams`; they are not the torch path's draws (another RNG).
+- Random draws are `adapt.draws.draw_views`, apart from the transform (`sample`): the torch path's
+  own draws, so a seed gives the same crops, flips and AugMix chains on the edge and on the server.
 Importing this module must never pull torch or grpc.
 """
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
 
 import numpy as np
 from PIL import Image, ImageOps
 
+from adaptclip.adapt.draws import OP_NAMES, ViewParams, draw_views, shrink_for_views
 from adaptclip.adapt.resample import FILTERS, GATHER_BUDGET, banded_weights
 from adaptclip.compression.edge_model import preprocess_image
 
 _PIL_FILTERS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
-MAX_VIEW_SIDE = 4  # huge photos are shrunk to 4x the input size (short side) before cropping views
-CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)  # torchvision RandomResizedCrop default
-CROP_ATTEMPTS = 10  # torchvision tries 10 random boxes before its centre-crop fallback
-OP_NAMES = ("autocontrast", "equalize", "posterize", "rotate", "solarize",
-            "shear_x", "shear_y", "translate_x", "translate_y")
-
-
-@dataclass(frozen=True)
-class ViewParams:
-    """Every random draw for the n augmented views of one image (n = n_views - 1)."""
-
-    boxes: np.ndarray  # [n, 4] int64 (top, left, height, width) in the (shrunk) image
-    flip: np.ndarray  # [n] bool
-    mix_weights: np.ndarray  # [n, width] Dirichlet(1)
-    blend: np.ndarray  # [n] Beta(1, 1): weight of the plain crop
-    depth: np.ndarray  # [n, width] ops per chain
-    ops: np.ndarray  # [n, width, max_depth] index into OP_NAMES
-    levels: np.ndarray  # [n, width, max_depth] AugMix sample_level: U(0.1, severity)
-    signs: np.ndarray  # [n, width, max_depth] +-1 for the signed ops
-
-    def __len__(self) -> int:
-        return len(self.boxes)
-
-    def select(self, lo: int, hi: int) -> ViewParams:
-        """Views lo..hi-1 only: render a chunk while the previous one is being encoded."""
-        return ViewParams(*(getattr(self, f.name)[lo:hi] for f in fields(self)))
-
-
-def crop_boxes(rng: np.random.Generator, n: int, height: int, width: int,
-               scale: tuple[float, float]) -> np.ndarray:
-    """torchvision RandomResizedCrop.get_params for n views: [n, 4] (top, left, h, w). 10 tries of area
-    U(lo, hi) x aspect log-U(3/4, 4/3); the first that fits wins, else a centre crop, ratio clamped."""
-    target = height * width * rng.uniform(scale[0], scale[1], (n, CROP_ATTEMPTS))
-    aspect = np.exp(rng.uniform(math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1]), (n, CROP_ATTEMPTS)))
-    ws = np.round(np.sqrt(target * aspect)).astype(np.int64)
-    hs = np.round(np.sqrt(target / aspect)).astype(np.int64)
-    offsets = rng.uniform(size=(n, 2))
-    fits = (ws > 0) & (ws <= width) & (hs > 0) & (hs <= height)
-    first = fits.argmax(axis=1)
-    h, w = hs[np.arange(n), first], ws[np.arange(n), first]
-    boxes = np.stack([(offsets[:, 0] * (height - h + 1)).astype(np.int64),
-                      (offsets[:, 1] * (width - w + 1)).astype(np.int64), h, w], axis=1)
-    ratio = width / height
-    if ratio < CROP_RATIO[0]:
-        fh, fw = int(round(width / CROP_RATIO[0])), width
-    elif ratio > CROP_RATIO[1]:
-        fh, fw = height, int(round(height * CROP_RATIO[1]))
-    else:
-        fh, fw = height, width
-    boxes[~fits.any(axis=1)] = ((height - fh) // 2, (width - fw) // 2, fh, fw)
-    return boxes
 
 
 def resized_crops(pixels: np.ndarray, boxes: np.ndarray, size: int, interpolation: str = "bicubic") -> np.ndarray:
@@ -147,16 +96,6 @@ def augmix_op(image: Image.Image, op: str, level: float, sign: float) -> Image.I
     return image.transform((size, size), Image.Transform.AFFINE, matrix, resample=bilinear)
 
 
-def shrink_for_views(image: Image.Image, size: int) -> Image.Image:
-    """RGB, short side at most MAX_VIEW_SIDE * size (PIL bicubic), as the torch path's render_views."""
-    image = image.convert("RGB")
-    short = min(image.size)
-    if short > MAX_VIEW_SIDE * size:
-        factor = MAX_VIEW_SIDE * size / short
-        image = image.resize((round(image.width * factor), round(image.height * factor)), Image.Resampling.BICUBIC)
-    return image
-
-
 class ViewRenderer:
     """Builds [n_views, 3, S, S] normalised float32 views of one PIL image, as the torch ViewGenerator."""
 
@@ -205,7 +144,7 @@ class ViewRenderer:
     def __call__(self, image: Image.Image, n_views: int, seed: int | None = None,
                  view0: np.ndarray | None = None) -> np.ndarray:
         """All views [n_views, 3, S, S] of `image`: view 0 its plain preprocessing (`view0` when the
-        caller has it already), the rest drawn from np.random.default_rng(seed) (None: fresh entropy)."""
+        caller has it already), the rest drawn with `seed` (None: fresh entropy)."""
         if isinstance(n_views, bool) or not isinstance(n_views, int) or n_views < 1:
             raise ValueError(f"n_views must be an int >= 1, got {n_views!r}")
         if view0 is None:
@@ -214,26 +153,18 @@ class ViewRenderer:
         if n_views == 1:
             return view0[None].astype(np.float32)
         pixels = self.prepare(image)
-        params = self.sample(np.random.default_rng(seed), n_views - 1, *pixels.shape[:2])
+        seed = int(np.random.SeedSequence().entropy) if seed is None else seed
+        params = self.sample(seed, n_views - 1, *pixels.shape[:2])
         return np.concatenate([view0[None].astype(np.float32), self.render(pixels, params)])
 
     def prepare(self, image: Image.Image) -> np.ndarray:
         """The pixels views are cropped from: [H, W, 3] float32 in [0, 1], huge photos shrunk."""
         return np.asarray(shrink_for_views(image, self.image_size), np.float32) / 255.0
 
-    def sample(self, rng: np.random.Generator, n: int, height: int, width: int) -> ViewParams:
-        """All random draws for n views of a height x width image, in a fixed order from one generator
-        (drawn whether AugMix is on or not, so switching it keeps the crops)."""
-        boxes = crop_boxes(rng, n, height, width, self.crop_scale)
-        flip = rng.uniform(size=n) < 0.5
-        chains, max_depth = self.width, (3 if self.depth == -1 else self.depth)
-        mix_weights = rng.dirichlet(np.ones(chains), size=n)
-        blend = rng.beta(1.0, 1.0, size=n)
-        depth = rng.integers(1, 4, (n, chains)) if self.depth == -1 else np.full((n, chains), self.depth)
-        ops = rng.integers(0, len(OP_NAMES), (n, chains, max_depth))
-        levels = rng.uniform(0.1, self.severity, (n, chains, max_depth))
-        signs = np.where(rng.uniform(size=(n, chains, max_depth)) > 0.5, -1.0, 1.0)
-        return ViewParams(boxes, flip, mix_weights, blend, depth, ops, levels, signs)
+    def sample(self, seed: int, n: int, height: int, width: int) -> ViewParams:
+        """All random draws for n views of a height x width image (`adapt.draws.draw_views`, as the torch path)."""
+        return draw_views(seed, n, height, width, crop_scale=self.crop_scale, chains=self.width,
+                          depth=self.depth, severity=self.severity)
 
     def render(self, pixels: np.ndarray, params: ViewParams) -> np.ndarray:
         """The augmented views of `params` from `prepare`d pixels, normalised: [n, 3, S, S] float32."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 
+from adaptclip.adapt.draws import DRAWS
 from adaptclip.adapt.encoder import EncoderModel
 from adaptclip.adapt.settings import AdaptSettings
 from adaptclip.server.cache import SCHEMA
@@ -18,10 +19,10 @@ def _digest(obj: object) -> str:
 
 
 def feature_key(fingerprint: str, image_hash: str, s: AdaptSettings, tokens: str = "k1") -> str:
-    """Key of an image's view features: model weights, image bytes, everything that shapes the views,
-    and the token compression the encoder ran with (`tokens`, see token_tag)."""
+    """Key of an image's view features: model weights, image bytes, everything that shapes the views
+    (the draw algorithm's version too) and the token compression the encoder ran with (`tokens`)."""
     views = "v1" if s.method == "none" else _digest(
-        {"views": s.views, "seed": s.seed, "crop": list(s.crop_scale), "augmix": s.use_augmix})
+        {"views": s.views, "seed": s.seed, "crop": list(s.crop_scale), "augmix": s.use_augmix, "draws": DRAWS})
     return f"adaptclip:{SCHEMA}:features:{fingerprint}:{image_hash}:{views}:{tokens}"
 
 

@@ -84,8 +84,8 @@ def test_rejects_boxes_outside_the_image() -> None:
             render(images, bad, [[False], [False]], 8, MEAN, STD)
 
 
-# Pins the reference to today's ViewGenerator. It uses the private `_sample` (boxes from
-# `_crop_boxes`, then the flip draw): rename here if the refactor renames them.
+# Pins the reference to today's ViewGenerator. It uses the private `_sample` (the shared draws of
+# adapt/draws.py as tensors): rename here if the refactor renames it.
 @pytest.mark.parametrize("mode", ["bilinear", "bicubic"])
 def test_reference_equals_view_generator(mode: str) -> None:
     from adaptclip.adapt.views import ViewGenerator
@@ -94,7 +94,7 @@ def test_reference_equals_view_generator(mode: str) -> None:
     images = _images("cpu", 4)
     generator = ViewGenerator(size, MEAN, STD, augmix=False, interpolation=mode)
     views = generator(images, torch.zeros(len(images), 3, size, size), n_views, seed=seed)
-    params = [generator._sample(torch.Generator().manual_seed(seed + i), n_views - 1, *image.shape[1:])
+    params = [generator._sample(seed + i, n_views - 1, *image.shape[1:])
               for i, image in enumerate(images)]
     ref = render_batch_torch(images, [p.boxes for p in params], torch.stack([p.flip for p in params]),
                              size, MEAN, STD, mode)
