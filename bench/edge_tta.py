@@ -2,10 +2,11 @@
 
 One run, two parts:
 
-  accuracy  CIFAR-10 test, `--per-class` images per class under every shift of adapt.shifts (clean +
-            SUITE): edge zero-shot, edge GS-Bias (the W8A8 bundle, compression/edge_tta.py) and torch
-            GS-Bias (fp32, the served loop), all with the bundle's recorded adaptation
-            block (examples/cifar-clip.yaml's: gate, chunks, crops). Image i is corrupted and its views
+  accuracy  CIFAR-10 test, `--per-class` images per class, clean and under the eval suite
+            (adapt.shifts SUITE; `--held-out` adds the HELD_OUT families, averaged apart): edge
+            zero-shot, edge GS-Bias (the W8A8 bundle, compression/edge_tta.py) and torch GS-Bias
+            (fp32, the served loop), all with the bundle's recorded adaptation block
+            (examples/cifar-clip.yaml's: gate, chunks, crops). Image i is corrupted and its views
             drawn with seed + i on both paths: the same draws (adapt/draws.py), so the same views up
             to each renderer's arithmetic, and the gap is the INT8 bundle against the fp32 model.
   cost      per image at --views V (default 32 and 64), GS-Bias over all V views (no gate, no early
@@ -26,6 +27,7 @@ import argparse
 import asyncio
 import concurrent.futures
 import json
+import math
 import os
 import platform
 import statistics
@@ -38,7 +40,7 @@ import torch
 from adaptclip.adapt.data import decode_shifted, load_folder
 from adaptclip.adapt.methods import adapt_views
 from adaptclip.adapt.pieces import RENDER_CHUNK
-from adaptclip.adapt.shifts import SHIFT_NAMES, get_shift
+from adaptclip.adapt.shifts import HELD_OUT, SHIFT_NAMES, SUITE, get_shift
 from adaptclip.adapt.views import render_views
 from adaptclip.compression.edge_model import EdgeModel
 from adaptclip.compression.edge_tta import EdgeAdapter, edge_settings
@@ -53,7 +55,8 @@ def accuracy(args: argparse.Namespace, edge: EdgeModel, hosted, log) -> dict:
     base, ignored = edge_settings(edge.adaptation)
     data = load_folder(args.data, classes=labels, limit_per_class=args.per_class, seed=0)
     classifier = torch.from_numpy(weights.copy())
-    shifts = tuple(get_shift(name) for name in SHIFT_NAMES)
+    names = SHIFT_NAMES if args.held_out else ("clean", *SUITE)
+    shifts = tuple(get_shift(name) for name in names)
     log(f"accuracy: {len(data.paths)} images x {len(shifts)} shifts, settings {base}")
     out: dict = {"images_per_shift": len(data.paths), "settings": str(base), "ignored": ignored, "shifts": {}}
     pool = concurrent.futures.ThreadPoolExecutor(2)
@@ -63,6 +66,7 @@ def accuracy(args: argparse.Namespace, edge: EdgeModel, hosted, log) -> dict:
         for shift in shifts:
             hits = dict.fromkeys(("edge_zero_shot", "edge_gs_bias", "torch_zero_shot", "torch_gs_bias"), 0)
             views = {"edge": 0, "torch": 0}
+            paired = {"edge_only": 0, "torch_only": 0, "same_answer": 0}  # GS-Bias: right on one path alone
             for i, (path, label) in enumerate(zip(data.paths, data.labels)):
                 img = decode_shifted(path, shift, base.seed + i)
                 start = time.perf_counter()
@@ -77,19 +81,27 @@ def accuracy(args: argparse.Namespace, edge: EdgeModel, hosted, log) -> dict:
                 hits["torch_gs_bias"] += int(row["top1"] == label)
                 hits["torch_zero_shot"] += int(row["zero_shot_top1"] == label)
                 views["torch"] += row["views_encoded"]
+                edge_right, torch_right = int(np.argmax(answer.logits)) == label, row["top1"] == label
+                paired["edge_only"] += int(edge_right and not torch_right)
+                paired["torch_only"] += int(torch_right and not edge_right)
+                paired["same_answer"] += int(int(np.argmax(answer.logits)) == row["top1"])
                 if args.reseed:  # the same torch path with other views: how much the view draws alone move it
                     other = torch_path(img, base.replace(seed=base.seed + i + args.reseed), timed=False)
                     hits["torch_gs_bias_reseeded"] = hits.get("torch_gs_bias_reseeded", 0) + int(other["top1"] == label)
             n = len(data.paths)
             out["shifts"][shift.name] = {**{k: 100 * v / n for k, v in hits.items()},
-                                         **{f"{k}_views_mean": v / n for k, v in views.items()}}
+                                         **{f"{k}_views_mean": v / n for k, v in views.items()}, **paired}
             log(f"  {shift.name}: {json.dumps(out['shifts'][shift.name])}")
     torch_path.close()
     pool.shutdown()
     out["seconds"] = {k: round(v, 1) for k, v in seconds.items()}
-    rows = out["shifts"].values()
-    out["mean"] = {k: statistics.mean(r[k] for r in rows) for k in hits}
+    suite = [out["shifts"][name] for name in ("clean", *SUITE)]  # the target's mean: clean + the eval suite
+    out["mean"] = {k: statistics.mean(r[k] for r in suite) for k in hits}
+    if args.held_out:
+        held = [out["shifts"][name] for name in HELD_OUT]
+        out["mean_held_out"] = {k: statistics.mean(r[k] for r in held) for k in hits}
     out["edge_minus_torch_gs_bias"] = out["mean"]["edge_gs_bias"] - out["mean"]["torch_gs_bias"]
+    out["edge_minus_torch_gs_bias_95"] = _paired_interval(suite, len(data.paths))
     return out
 
 
@@ -101,6 +113,17 @@ def _quiet() -> None:
     time one path against the other's leftover spin (one core busy for ~30-40 ms after an onnxruntime
     Run here, ~10 ms after torch's OpenMP ops); production runs one of them, not both in turn."""
     time.sleep(QUIET_S)
+
+
+def _paired_interval(rows: list[dict], n: int) -> list[float]:
+    """95 % interval (points) of the edge - torch GS-Bias gap over all rows' images, from the per-image
+    paired differences (+1 edge alone right, -1 torch alone right, 0 else): the two paths see the same
+    images and views, so their discordant answers alone carry the gap's noise."""
+    total = n * len(rows)
+    plus, minus = sum(r["edge_only"] for r in rows), sum(r["torch_only"] for r in rows)
+    mean = (plus - minus) / total
+    se = math.sqrt(max((plus + minus) / total - mean**2, 0.0) / (total - 1))
+    return [round(100 * (mean - 1.96 * se), 3), round(100 * (mean + 1.96 * se), 3)]
 
 
 class TorchPath:
@@ -229,6 +252,8 @@ def main() -> None:
     p.add_argument("--b32-bundle", required=True, help="ViT-B-32 random-init bundle (cost only: its weights need not be the torch ones)")
     p.add_argument("--data", default="/tmp/data/test")
     p.add_argument("--per-class", type=int, default=40)
+    p.add_argument("--held-out", action="store_true",
+                   help="accuracy: also the nine held-out shift families (their own mean; the target's is clean + SUITE)")
     p.add_argument("--cost-images", type=int, default=8)
     p.add_argument("--views", default="32,64")
     p.add_argument("--skip-accuracy", action="store_true")
