@@ -74,6 +74,19 @@ def test_stale_schema_is_not_served(monkeypatch):
         decode_entry(blob, "features")
 
 
+def test_feature_keys_carry_the_view_draws_version(monkeypatch):
+    """Features of views drawn by another draw algorithm (an older version) are never looked up."""
+    import adaptclip.server.keys as keys
+    from adaptclip.adapt.settings import AdaptSettings
+
+    s, zero_shot = AdaptSettings(method="gs_bias", views=8), AdaptSettings(method="none")
+    key, plain = keys.feature_key("fp", "img", s), keys.feature_key("fp", "img", zero_shot)
+    assert key != keys.feature_key("fp", "img", s.replace(seed=1))
+    monkeypatch.setattr(keys, "DRAWS", "older")
+    assert keys.feature_key("fp", "img", s) != key
+    assert keys.feature_key("fp", "img", zero_shot) == plain  # view 0 alone holds no draws: still served
+
+
 def test_memory_lru_respects_byte_budget():
     async def run():
         backend = MemoryBackend(max_bytes=10_000)
