@@ -99,7 +99,8 @@ def crop_boxes(rng: np.random.Generator, n: int, height: int, width: int,
 
 def shrink_for_views(image: Image.Image, size: int) -> Image.Image:
     """RGB, short side at most MAX_VIEW_SIDE * size (PIL bicubic): the pixels views are cropped from."""
-    image = image.convert("RGB")
+    if image.mode != "RGB":
+        image = image.convert("RGB")
     short = min(image.size)
     if short > MAX_VIEW_SIDE * size:
         factor = MAX_VIEW_SIDE * size / short

@@ -72,7 +72,8 @@ def accuracy(args: argparse.Namespace, edge: EdgeModel, hosted, log) -> dict:
                 start = time.perf_counter()
                 answer = adapter.classify(img, seed=base.seed + i)
                 seconds["edge"] += time.perf_counter() - start
-                hits["edge_gs_bias"] += int(np.argmax(answer.logits) == label)
+                edge_top1 = int(np.argmax(answer.logits))
+                hits["edge_gs_bias"] += int(edge_top1 == label)
                 hits["edge_zero_shot"] += int(np.argmax(answer.zero_shot) == label)
                 views["edge"] += answer.report["views_encoded"]
                 start = time.perf_counter()
@@ -81,10 +82,10 @@ def accuracy(args: argparse.Namespace, edge: EdgeModel, hosted, log) -> dict:
                 hits["torch_gs_bias"] += int(row["top1"] == label)
                 hits["torch_zero_shot"] += int(row["zero_shot_top1"] == label)
                 views["torch"] += row["views_encoded"]
-                edge_right, torch_right = int(np.argmax(answer.logits)) == label, row["top1"] == label
+                edge_right, torch_right = edge_top1 == label, row["top1"] == label
                 paired["edge_only"] += int(edge_right and not torch_right)
                 paired["torch_only"] += int(torch_right and not edge_right)
-                paired["same_answer"] += int(int(np.argmax(answer.logits)) == row["top1"])
+                paired["same_answer"] += int(edge_top1 == row["top1"])
                 if args.reseed:  # the same torch path with other views: how much the view draws alone move it
                     other = torch_path(img, base.replace(seed=base.seed + i + args.reseed), timed=False)
                     hits["torch_gs_bias_reseeded"] = hits.get("torch_gs_bias_reseeded", 0) + int(other["top1"] == label)

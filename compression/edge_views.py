@@ -3,9 +3,9 @@
 The torch-free counterpart of `adaptclip.adapt.views.ViewGenerator` (and of the shrink step of its
 `render_views`): view 0 is the model's plain preprocessing (`compression.edge.preprocess_image`);
 every other view is a RandomResizedCrop of the image (torchvision's algorithm), a horizontal flip
-with p = 0.5, then optionally AugMix with the official
-PIL ops (azshue/TPT data/augmix_ops.py, as hzhxmu/GS-Bias uses them): `width` chains of 1..3 ops,
-Dirichlet(1) mix weights, Beta(1, 1) blend with the plain crop. What equals what:
+with p = 0.5, then optionally AugMix with the official PIL ops (azshue/TPT data/augmix_ops.py, as
+hzhxmu/GS-Bias uses them): `width` chains of 1..3 ops, Dirichlet(1) mix weights, Beta(1, 1) blend
+with the plain crop. What equals what:
 
 - Without AugMix, `resized_crops` = torch `F.interpolate(crop, (S, S), mode, antialias=True).clamp(0, 1)`
   per view (the torch path), to ~1e-5 in [0, 1] units: all views resampled together with
