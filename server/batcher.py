@@ -34,8 +34,9 @@ class BatchResult:
     features: torch.Tensor  # [n, D] for this item's images
     patches: torch.Tensor | None  # [n, P, D] when the item asked for them
     queue_us: int
-    encode_us: int
+    encode_us: int  # the whole batch's: pieces of one request that shared it share this time
     batch_size: int
+    batch: int  # the batch's number on this batcher (1, 2, ...): tells which results shared one
 
 
 class Batcher:
@@ -213,5 +214,5 @@ class Batcher:
             if not it.future.done():
                 mine = patches[offset:offset + n] if it.with_patches else None
                 it.future.set_result(BatchResult(feats[offset:offset + n], mine, int((start - it.enqueued) * 1e6),
-                                                 encode_us, images.shape[0]))
+                                                 encode_us, images.shape[0], self.batches))
             offset += n

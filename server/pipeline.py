@@ -112,7 +112,7 @@ class ImageViews:
                 for task in submitted:
                     task.cancel()  # a failed piece: nobody waits for the others
             self.queue_us += max(r.queue_us for r in results)
-            self.encode_us += sum(r.encode_us for r in results)
+            self.encode_us += sum({r.batch: r.encode_us for r in results}.values())  # each batch once
             self.feats = torch.cat([self.feats, *(r.features for r in results)])
             self.dirty = True
         return self.feats[:n]

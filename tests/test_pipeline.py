@@ -1,10 +1,12 @@
 """The server's view source: views drawn while view 0 is encoded are the views the loop would have drawn,
-and an image the confidence gate skips renders none (on the server and on the edge)."""
+and an image the confidence gate skips renders none (on the server and on the edge); pieces sharing a
+batch count its encode time once."""
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
 import io
+import time
 
 import pytest
 import torch
@@ -28,13 +30,13 @@ def _image(seed: int = 0) -> Image.Image:
     return Image.open(io.BytesIO(make_image(seed, (61, 47)))).convert("RGB")
 
 
-def _serve(model: TorchModel, s: AdaptSettings, img: Image.Image) -> ImageViews:
+def _serve(model: TorchModel, s: AdaptSettings, img: Image.Image, max_batch: int = 4) -> ImageViews:
     """One image through ImageViews + classify_image with a real batcher (max batch 4: several pieces)."""
     classifier = model.classifier(LABELS, ("a photo of a {}.",))
 
     async def main() -> ImageViews:
         hosted = Hosted(model)
-        hosted.start(BatchingConfig(max_batch_size=4))
+        hosted.start(BatchingConfig(max_batch_size=max_batch))
         pool = concurrent.futures.ThreadPoolExecutor(2)
         try:
             view0 = model.preprocess(img)
@@ -43,7 +45,9 @@ def _serve(model: TorchModel, s: AdaptSettings, img: Image.Image) -> ImageViews:
                 return img, view0
 
             views = ImageViews(hosted, s, decode, None, pool)
+            start = time.perf_counter()
             views.outcome = await classify_image(hosted, views, classifier, LABELS, s, pool)
+            views.wall_us, views.batches = int((time.perf_counter() - start) * 1e6), hosted.batcher.batches
             return views
         finally:
             await hosted.close()
@@ -102,3 +106,14 @@ def test_pieces_ramp_up_where_augmix_renders_on_the_cpu(hosted: TorchModel, tmp_
         monkeypatch.setattr(edge, "encode", lambda x, **kw: sizes.append(len(x)) or encode(x, **kw))
         adapter.classify(img)
     assert sizes == [1] + [hi - lo for lo, hi in want]
+
+
+def test_pieces_sharing_a_batch_count_its_encode_time_once(hosted: TorchModel, monkeypatch) -> None:
+    """A slow encoder lets the ramp's later pieces (2 + 4 + 2 views) queue and go as one batch of 8: the
+    request's encode time counts that batch once, so it never exceeds the request's own wall time."""
+    encode = hosted.encode_images
+    monkeypatch.setattr(hosted, "encode_images", lambda *a, **kw: time.sleep(0.25) or encode(*a, **kw))
+    s = AdaptSettings(method="gs_bias", views=10, crop_scale=(0.5, 1.0), augmix=True, seed=3)
+    views = _serve(hosted, s, _image(), max_batch=8)
+    assert views.outcome.report.views_encoded == 10 and views.batches == 3  # view 0, piece 1, pieces 2-4
+    assert 3 * 250_000 <= views.encode_us <= views.wall_us
