@@ -101,6 +101,7 @@ def accuracy(args: argparse.Namespace, edge: EdgeModel, hosted, log) -> dict:
     if args.held_out:
         held = [out["shifts"][name] for name in HELD_OUT]
         out["mean_held_out"] = {k: statistics.mean(r[k] for r in held) for k in hits}
+        out["edge_minus_torch_gs_bias_95_held_out"] = _paired_interval(held, len(data.paths))
     out["edge_minus_torch_gs_bias"] = out["mean"]["edge_gs_bias"] - out["mean"]["torch_gs_bias"]
     out["edge_minus_torch_gs_bias_95"] = _paired_interval(suite, len(data.paths))
     return out
