@@ -17,8 +17,8 @@ with the plain crop. What equals what:
   8-bit image anyway, and PIL's 8-bit resize is cheaper than the float one plus the rounding (155 ->
   121 ms for 31 views at 224 px, BENCHMARKS.md). Each chain keeps one PIL image through its ops (the
   official calls, bit for bit; the whole-pixel translations as a crop pasted onto black, which
-  equals PIL's affine there at a fortieth of its cost), and all chains of all views are summed in
-  one pass. Per-image PIL beat batched numpy for every op (numpy's 8-bit gathers and the copies in
+  equals PIL's affine there at a fortieth of its cost), and each view's crop and chains are blended
+  by one matrix-vector product while they are in cache. Per-image PIL beat batched numpy for every op (numpy's 8-bit gathers and the copies in
   and out of the batch cost more than PIL's C loops). translate_x/y scale with S / 3 (the official
   code hard-codes 224), as the torch path.
 - Random draws are `adapt.draws.draw_views`, apart from the transform (`sample`): the torch path's
@@ -184,25 +184,25 @@ class ViewRenderer:
     def _augmix(self, pixels: np.ndarray, params: ViewParams) -> np.ndarray:
         """The official AugMixAugmenter from the drawn parameters: each view an 8-bit PIL crop, resized
         and flipped in PIL, its chains of official ops, and the Beta/Dirichlet blend of the crop with
-        its chains, all chains of all views summed in one pass."""
+        its chains, as one weight row times the view's stacked 8-bit images."""
         n, size = len(params), self.image_size
         source = Image.fromarray(np.rint(pixels * 255.0).astype(np.uint8))  # the 8-bit image prepare() read
         resample = _PIL_FILTERS[self.interpolation]
-        images = np.empty((self.width + 1, n, size, size, 3), np.uint8)  # [0] the crops, [1:] their chains
+        # blend * crop + (1 - blend) * sum_c w_c * chain_c, in [0, 1]: one row of weights per view
+        coef = (np.concatenate([params.blend[None], (1 - params.blend) * params.mix_weights.T]) / 255.0).astype(np.float32)
+        stack = np.empty((self.width + 1, size * size * 3), np.uint8)  # one view's crop and its chains
+        mixed = np.empty((n, 3, size, size), np.float32)
         for view, (top, left, height, width) in enumerate(params.boxes.tolist()):
             crop = source.crop((left, top, left + width, top + height)).resize((size, size), resample)
             if params.flip[view]:
                 crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-            images[0, view] = crop
+            stack[0] = np.asarray(crop).reshape(-1)
             for chain in range(self.width):  # one PIL image per chain, kept through its ops
                 image = crop
                 for step in range(params.depth[view, chain]):
                     image = augmix_op(image, OP_NAMES[params.ops[view, chain, step]],
                                       float(params.levels[view, chain, step]), float(params.signs[view, chain, step]))
-                images[chain + 1, view] = image
-        # blend * crop + (1 - blend) * sum_c w_c * chain_c, in [0, 1], channels first
-        coef = np.concatenate([params.blend[None], (1 - params.blend) * params.mix_weights.T]) / 255.0
-        coef = coef.astype(np.float32)
-        mixed = np.empty((n, 3, size * size), np.float32)
-        np.einsum("cn,cnxk->nkx", coef, images.reshape(self.width + 1, n, size * size, 3), out=mixed)
-        return mixed.reshape(n, 3, size, size)
+                stack[chain + 1] = np.asarray(image).reshape(-1)
+            # a matrix-vector product while the view is in cache: 4x cheaper than one einsum over all views
+            mixed[view] = (coef[:, view] @ stack).reshape(size, size, 3).transpose(2, 0, 1)
+        return mixed
