@@ -21,8 +21,8 @@ from PIL import Image
 from torch import Tensor
 
 from adaptclip.adapt.encoder import EncoderModel, FixedLabelSet
-from adaptclip.compression.edge_model import EdgeModel, default_providers
-from adaptclip.compression.edge_tta import edge_settings
+from adaptclip.compression.edge_model import EdgeModel, default_providers, read_manifest, recorded_adaptation
+from adaptclip.compression.edge_tta import edge_settings, spin_while_adapting
 from adaptclip.compression.models import ModelLoadError, ModelSpec
 
 _PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
@@ -87,13 +87,22 @@ def load_bundle(spec: ModelSpec) -> BundleModel:
         raise ModelLoadError(f"bundle '{spec.bundle}': device cuda asked, but this onnxruntime has no CUDA provider "
                              f"(install onnxruntime-gpu)")
     try:
-        edge = EdgeModel(spec.bundle, None if spec.device == "auto" else _PROVIDERS[spec.device])
+        manifest = read_manifest(spec.bundle)
+        size = int(manifest["preprocess"]["size"])
     except (OSError, ValueError, KeyError) as exc:
         raise ModelLoadError(f"cannot load bundle '{spec.bundle}': {exc}") from exc
     try:
-        adapt_defaults, ignored = edge_settings(edge.adaptation, dict(spec.adaptation), edge.image_size)
+        adapt_defaults, ignored = edge_settings(recorded_adaptation(manifest), dict(spec.adaptation), size)
     except ValueError as exc:  # adapt.settings.FieldError included
         raise ModelLoadError(f"bundle '{spec.bundle}': {exc}") from None
+    # The server renders views on its CPU beside the graph too, so its defaults decide how the graph's
+    # workers wait; requests pick their method, so defaults of no adaptation count as GS-Bias's views.
+    adapting = adapt_defaults.replace(method="gs_bias") if adapt_defaults.method == "none" else adapt_defaults
+    try:
+        edge = EdgeModel(spec.bundle, None if spec.device == "auto" else _PROVIDERS[spec.device],
+                         spin=spin_while_adapting(adapting))
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelLoadError(f"cannot load bundle '{spec.bundle}': {exc}") from exc
     if ignored:
         logging.getLogger(__name__).warning("bundle %s: recorded adaptation setting(s) not applied: %s",
                                             spec.bundle, ", ".join(ignored))

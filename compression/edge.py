@@ -20,8 +20,8 @@ import numpy as np
 from PIL import Image
 
 from adaptclip.adapt.settings import METHODS
-from adaptclip.compression.edge_model import EdgeModel, softmax
-from adaptclip.compression.edge_tta import EdgeAdapter, EdgeAnswer, edge_settings
+from adaptclip.compression.edge_model import EdgeModel, read_manifest, recorded_adaptation, softmax
+from adaptclip.compression.edge_tta import EdgeAdapter, EdgeAnswer, edge_settings, spin_while_adapting
 
 
 def add_classify_arguments(p: argparse.ArgumentParser) -> None:
@@ -87,11 +87,12 @@ def _open(paths: Sequence[str]) -> Iterator[tuple[str, Image.Image | None]]:
 def run_classify(args: argparse.Namespace) -> int:
     """Classify image files with a bundle; prints like `adaptclip classify`. Exit 1 if any image failed."""
     try:
-        model = EdgeModel(args.bundle)
-        labels, _ = model.label_set(args.label_set)
-        settings, ignored = edge_settings(model.adaptation, {
+        manifest = read_manifest(args.bundle)  # the settings first: they decide how the graph's threads wait
+        settings, ignored = edge_settings(recorded_adaptation(manifest), {
             "method": args.tta, "views": args.views, "seed": args.seed, "skip_entropy": args.skip_entropy,
-            "view_chunk": args.view_chunk}, model.image_size)
+            "view_chunk": args.view_chunk}, int(manifest["preprocess"]["size"]))
+        model = EdgeModel(args.bundle, spin=spin_while_adapting(settings))
+        labels, _ = model.label_set(args.label_set)
     except (OSError, ValueError, KeyError) as exc:  # FieldError is a ValueError naming the field
         print(f"adaptclip edge: {exc}", file=sys.stderr)
         return 2

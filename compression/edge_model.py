@@ -54,6 +54,23 @@ def preprocess_image(image: Image.Image, size: int, mean: Sequence[float], std: 
     return np.ascontiguousarray(arr.transpose(2, 0, 1))
 
 
+def read_manifest(bundle_dir: str | Path) -> dict:
+    """A bundle's manifest.json, its format checked: what a caller needs before opening the graph."""
+    manifest_path = Path(bundle_dir) / "manifest.json"
+    if not manifest_path.is_file():
+        raise FileNotFoundError(f"{bundle_dir} is not a bundle: no manifest.json (make one with adaptclip quantize)")
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    if manifest.get("format") not in READABLE_FORMATS:
+        raise ValueError(f"{manifest_path}: format {manifest.get('format')!r}, expected one of "
+                         f"{', '.join(READABLE_FORMATS)}")
+    return manifest
+
+
+def recorded_adaptation(manifest: dict) -> dict:
+    """The adaptation defaults a manifest recorded at export ({} for format 1 bundles), as given there."""
+    return dict((manifest.get("adaptation") or {}).get("settings") or {})
+
+
 def softmax(x: np.ndarray) -> np.ndarray:
     """Softmax over the last axis."""
     e = np.exp(x - x.max(-1, keepdims=True))
@@ -63,22 +80,21 @@ def softmax(x: np.ndarray) -> np.ndarray:
 class EdgeModel:
     """One exported bundle: the quantised image tower, its preprocessing and its label sets."""
 
-    def __init__(self, bundle_dir: str | Path, providers: Sequence[str] | None = None, threads: int = 0) -> None:
-        """threads: onnxruntime's intra-op threads (0: its default, one per core)."""
+    def __init__(self, bundle_dir: str | Path, providers: Sequence[str] | None = None, threads: int = 0,
+                 spin: bool = True) -> None:
+        """threads: onnxruntime's intra-op threads (0: its default, one per core). spin: whether its
+        workers spin-wait between ops (onnxruntime's default: the quickest hand-offs while nothing else
+        needs the cores; off where views render beside the encoder, `edge_tta.spin_while_adapting`)."""
         self.root = Path(bundle_dir)
-        manifest_path = self.root / "manifest.json"
-        if not manifest_path.is_file():
-            raise FileNotFoundError(f"{bundle_dir} is not a bundle: no manifest.json (make one with adaptclip quantize)")
-        self.manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        if self.manifest.get("format") not in READABLE_FORMATS:
-            raise ValueError(f"{manifest_path}: format {self.manifest.get('format')!r}, expected one of "
-                             f"{', '.join(READABLE_FORMATS)}")
+        self.manifest = read_manifest(bundle_dir)
+        self.spins = spin
         onnx_cfg = self.manifest["onnx"]
         import onnxruntime as ort  # here, not at import: the `adaptclip` CLI builds this parser on every call
 
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
         opts.intra_op_num_threads = threads
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
         self.session = ort.InferenceSession(str(self.root / onnx_cfg["file"]), opts,
                                             providers=list(providers or default_providers()))
         self.input_name, self.output_name = onnx_cfg["input"], onnx_cfg["output"]
@@ -116,7 +132,7 @@ class EdgeModel:
     @property
     def adaptation(self) -> dict:
         """The adaptation defaults recorded at export ({} for format 1 bundles), as given there."""
-        return dict((self.manifest.get("adaptation") or {}).get("settings") or {})
+        return recorded_adaptation(self.manifest)
 
     @property
     def image_size(self) -> int:

@@ -50,6 +50,15 @@ def edge_settings(block: dict[str, Any], overrides: dict[str, Any] | None = None
     return settings, ignored
 
 
+def spin_while_adapting(s: AdaptSettings) -> bool:
+    """Whether onnxruntime's workers should spin-wait between ops (`EdgeModel(spin=)`) while `s` runs:
+    yes unless AugMix views render on the CPU beside the encoder. Spinning workers hold the cores
+    the renderer needs (ViT-B-32, 32 AugMix views, two threads: 407 -> 350 ms an image with spinning
+    off), while crops alone render in ~1 ms and spinning's quicker hand-offs win (the CIFAR model, 32
+    views: 28 vs 40 ms); BENCHMARKS.md, issue 17."""
+    return s.method == "none" or not s.use_augmix
+
+
 @dataclass
 class EdgeAnswer:
     """One image: adapted and zero-shot logits/probabilities [C], what the adaptation did, timings."""

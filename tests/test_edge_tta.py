@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ from adaptclip.adapt.methods import adapt_views
 from adaptclip.client import cli_edge, cli_quantize
 from adaptclip.compression.bundled import load_bundle
 from adaptclip.compression.edge_model import EdgeModel
-from adaptclip.compression.edge_tta import EdgeAdapter, edge_settings
+from adaptclip.compression.edge_tta import EdgeAdapter, edge_settings, spin_while_adapting
 from adaptclip.compression.models import ModelSpec, TorchModel, image_features
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -187,3 +188,35 @@ def test_quantize_takes_the_adaptation_block_of_the_matching_entry(tmp_path: Pat
     single = tmp_path / "one.yaml"
     single.write_text("models:\n  - {model: other.json, pretrained: y.pt, adaptation: {method: zero}}\n")
     assert cli_quantize.adaptation_block(str(single), "RN50") == {"method": "zero"}
+
+
+def test_workers_spin_unless_augmix_renders_beside_them(bundle: Path, images, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    base, _ = edge_settings(RECORDED)
+    assert spin_while_adapting(base), "crops alone render in a millisecond: spinning's quick hand-offs win"
+    assert not spin_while_adapting(base.replace(augmix=True))
+    assert spin_while_adapting(base.replace(augmix=True, method="none")), "no views rendered"
+    served = load_bundle(ModelSpec(bundle=str(bundle), device="cpu"))
+    augmixed = load_bundle(ModelSpec(bundle=str(bundle), device="cpu", adaptation={"augmix": True}))
+    assert served.edge.spins and not augmixed.edge.spins, "the host opens the graph for its defaults"
+    asks = load_bundle(ModelSpec(bundle=str(bundle), device="cpu", adaptation={"method": "none", "augmix": True}))
+    assert not asks.edge.spins, "requests pick the method: a server adapting with none by default still renders"
+    pixels = torch.from_numpy(np.stack([served.edge.preprocess(im) for im in images]))
+    torch.testing.assert_close(augmixed.encode_images(pixels), served.encode_images(pixels), rtol=0, atol=1e-6)
+    opened = []
+
+    class Recording(EdgeModel):
+        def __init__(self, *args, spin: bool = True, **kwargs) -> None:
+            opened.append(spin)
+            super().__init__(*args, spin=spin, **kwargs)
+
+    monkeypatch.setattr("adaptclip.compression.edge.EdgeModel", Recording)
+    shutil.copytree(bundle, tmp_path / "augmix")
+    manifest = json.loads((tmp_path / "augmix" / "manifest.json").read_text())
+    manifest["adaptation"]["settings"]["augmix"] = True
+    (tmp_path / "augmix" / "manifest.json").write_text(json.dumps(manifest))
+    path = str(tmp_path / "0.png")
+    Path(path).write_bytes(make_image(3, (40, 36)))
+    for where, flags in ((bundle, ()), (tmp_path / "augmix", ()), (tmp_path / "augmix", ("--tta", "none"))):
+        assert cli_edge.run(_cli(where, [path], "--views", "4", *flags)) == 0
+    assert opened == [True, False, True]
