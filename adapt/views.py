@@ -6,7 +6,12 @@ model's plain preprocessing; every other view is a RandomResizedCrop of the *ori
 (not of the resized one) to S x S, a horizontal flip with p = 0.5, then optionally AugMix:
 `width` chains of 1..3 random ops from [autocontrast, equalize, posterize, rotate, solarize,
 shear_x, shear_y, translate_x, translate_y], mixed with Dirichlet(1, ..., 1) weights, and that
-mix Beta(1, 1)-blended with the crop. Differences from the PIL original, all deliberate:
+mix Beta(1, 1)-blended with the crop.
+
+AugMix views on the CPU are the official PIL rendering on 8-bit crops (adapt/pil_augmix.py, the edge
+renderer's own code: a seed gives the same AugMix views on a CPU server and on the edge), ~3x cheaper
+there than Kornia's float ops (BENCHMARKS.md, issue 17). Crops without AugMix, and AugMix on other
+devices (a GPU), are torch's, with these differences from the PIL original, all deliberate:
 
 - Everything is float in [0, 1] on the device: no 8-bit rounding between ops (posterize and
   equalize still quantise to 256 levels, as kornia implements them).
@@ -19,8 +24,8 @@ mix Beta(1, 1)-blended with the crop. Differences from the PIL original, all del
 - Mixing happens before normalisation (affine, weights summing to 1: the same result).
 - translate_x/y scale with S / 3 (the official code hard-codes 224) and are slice copies.
 - Random numbers are `adapt.draws.draw_views`, one numpy Generator per image seed (see
-  `ViewGenerator.__call__`), not a global RNG, so the same seed gives the same views on any device,
-  in any batch, and on the edge runner (compression/edge_views.py renders the same draws).
+  `ViewGenerator.__call__`), not a global RNG, so the same seed gives the same draws (boxes, flips,
+  chains) on any device, in any batch, and on the edge runner (compression/edge_views.py renders them).
 
 `backend="triton"` (or "auto" on CUDA) renders with adaptclip.kernels.views from the same draws: without
 AugMix all of a batch (crop, flip, normalise, cast) in one launch, with it the crops; within 1e-3 of torch.
@@ -32,7 +37,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
@@ -46,6 +51,7 @@ from PIL import Image
 from torch import Tensor
 
 from adaptclip.adapt.draws import OP_NAMES, ViewParams, draw_views, shrink_for_views
+from adaptclip.adapt.pil_augmix import augmix_views
 from adaptclip.adapt.resample import GATHER_BUDGET, banded_weights
 from adaptclip.adapt.settings import AdaptSettings
 from adaptclip.kernels.backend import check_backend, resolve
@@ -71,6 +77,7 @@ class _Params:
     ops: Tensor  # [n, width, max_depth] index into OP_NAMES
     levels: Tensor  # [n, width, max_depth] AugMix sample_level(severity)
     signs: Tensor  # [n, width, max_depth] +-1 for the signed ops
+    draws: ViewParams  # the numpy draws themselves, as the PIL renderer takes them
 
     @classmethod
     def of(cls, d: ViewParams) -> _Params:
@@ -80,11 +87,11 @@ class _Params:
 
         return cls([tuple(b) for b in d.boxes.tolist()], torch.from_numpy(d.flip), as_float(d.mix_weights),
                    as_float(d.blend), torch.from_numpy(d.depth), torch.from_numpy(d.ops), as_float(d.levels),
-                   as_float(d.signs))
+                   as_float(d.signs), d)
 
     def select(self, lo: int, hi: int) -> _Params:
         """The draws of views lo..hi-1 only."""
-        return _Params(*(getattr(self, f.name)[lo:hi] for f in fields(self)))
+        return _Params.of(self.draws.select(lo, hi))
 
 
 class ViewGenerator:
@@ -153,10 +160,12 @@ class ViewGenerator:
         params = self._sample(seed, n_views - 1, *image.shape[-2:])
         return ViewPlan(self, image.to(device=base_view.device, dtype=torch.float32), base_view, params)
 
-    def _normalized(self, image: Tensor, params: _Params, dtype: torch.dtype) -> Tensor:
-        """The augmented views of `params`, normalised and cast: [n, 3, S, S]."""
+    def _normalized(self, image: Tensor, params: _Params, dtype: torch.dtype,
+                    source: Image.Image | None = None) -> Tensor:
+        """The augmented views of `params`, normalised and cast: [n, 3, S, S] (`source`: the image's
+        8-bit copy for AugMix on the CPU, when the caller keeps one)."""
         mean, std = self.mean.to(image.device), self.std.to(image.device)
-        return ((self._augment(image, params) - mean) / std).to(dtype)
+        return ((self._augment(image, params, source) - mean) / std).to(dtype)
 
     def _validate_call(self, images: Sequence[Tensor], base_views: Tensor, n_views: int,
                        seed: int | Sequence[int] | None) -> list[int]:
@@ -214,14 +223,20 @@ class ViewGenerator:
                           mode=self.interpolation, align_corners=False, antialias=True)
             for top, left, h, w in boxes]).clamp_(0.0, 1.0)
 
-    def _augment(self, image: Tensor, p: _Params) -> Tensor:
-        """Crop + flip (+ AugMix) every view of one image: [n, 3, S, S] in [0, 1]."""
+    def _augment(self, image: Tensor, p: _Params, source: Image.Image | None = None) -> Tensor:
+        """Crop + flip (+ AugMix) every view of one image: [n, 3, S, S] in [0, 1]. AugMix on the CPU
+        is the official PIL rendering on 8-bit crops (adapt/pil_augmix.py, as the edge renders it)."""
+        if self.augmix and augmix_renderer(image.device) == "pil1":
+            source = eight_bit(image) if source is None else source
+            return torch.from_numpy(augmix_views(source, p.draws, self.image_size, self.interpolation))
         crops = self._crops(image, p.boxes)
         flip = p.flip.to(image.device).view(-1, 1, 1, 1)
         crops = torch.where(flip, KT.hflip(crops), crops)
-        if not self.augmix:
-            return crops
-        device = image.device
+        return self._kornia_augmix(crops, p) if self.augmix else crops
+
+    def _kornia_augmix(self, crops: Tensor, p: _Params) -> Tensor:
+        """AugMix of flipped crops [n, 3, S, S] in float on their device (Kornia's ops, all views of an op together)."""
+        device = crops.device
         mix = torch.zeros_like(crops)
         for chain in range(self.width):
             x = crops.clone()
@@ -245,6 +260,8 @@ class ViewPlan:
 
     def __init__(self, gen: ViewGenerator, image: Tensor, base_view: Tensor, params: _Params) -> None:
         self.gen, self.image, self.base_view, self.params = gen, image, base_view, params
+        pil = gen.augmix and augmix_renderer(image.device) == "pil1"
+        self.source = eight_bit(image) if pil else None  # the 8-bit copy PIL crops from: once, not per piece
 
     def __len__(self) -> int:
         return len(self.params.flip) + 1
@@ -261,8 +278,19 @@ class ViewPlan:
         if not gen.augmix and resolve(gen.backend, self.image.device) == "triton":
             views = gen._kernel_views([self.image], [part], self.base_view.unsqueeze(0))[0]
         else:
-            views = gen._normalized(self.image, part, dtype)
+            views = gen._normalized(self.image, part, dtype, self.source)
         return torch.cat([*head, views])
+
+
+def augmix_renderer(device: torch.device) -> str:
+    """Which code renders AugMix views on `device`: PIL's 8-bit ops on the CPU, Kornia's float ones
+    elsewhere. Their views differ by rounding, so feature cache keys carry it."""
+    return "pil1" if device.type == "cpu" else "kornia1"
+
+
+def eight_bit(image: Tensor) -> Image.Image:
+    """The 8-bit RGB PIL image of a [3, H, W] float image in [0, 1] (exact for one `to_tensor` read)."""
+    return Image.fromarray(image.detach().mul(255).round_().clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).cpu().numpy())
 
 
 def resized_crops(image: Tensor, boxes: Sequence[tuple[int, int, int, int]], size: int,

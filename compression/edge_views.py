@@ -10,17 +10,13 @@ with the plain crop. What equals what:
 - Without AugMix, `resized_crops` = torch `F.interpolate(crop, (S, S), mode, antialias=True).clamp(0, 1)`
   per view (the torch path), to ~1e-5 in [0, 1] units: all views resampled together with
   block-banded separable weights (PIL's / torch's antialiased filters) and batched matmuls.
-- With AugMix, every view is built as the official AugMixAugmenter builds it: the crop cut, resized
-  and flipped in PIL on the 8-bit image (the official crops are 8-bit PIL images; PIL rounds and
-  clips between its two resampling passes, a few hundredths from the float crop), its chains of
-  official PIL ops (`augmix_op`), and the blend of that 8-bit crop with them. The chains need the
-  8-bit image anyway, and PIL's 8-bit resize is cheaper than the float one plus the rounding (155 ->
-  121 ms for 31 views at 224 px, BENCHMARKS.md). Each chain keeps one PIL image through its ops (the
-  official calls, bit for bit; the whole-pixel translations as a crop pasted onto black, which
-  equals PIL's affine there at a fortieth of its cost), and each view's crop and chains are blended
-  by one matrix-vector product while they are in cache. Per-image PIL beat batched numpy for every op (numpy's 8-bit gathers and the copies in
-  and out of the batch cost more than PIL's C loops). translate_x/y scale with S / 3 (the official
-  code hard-codes 224), as the torch path.
+- With AugMix, every view is built as the official AugMixAugmenter builds it, by adapt/pil_augmix.py
+  (the torch views on the CPU render the same, so a seed's AugMix views are equal on the edge and
+  on a CPU server): the crop cut, resized and flipped in PIL on the 8-bit image (the official crops
+  are 8-bit PIL images; PIL rounds and clips between its two resampling passes, a few hundredths
+  from the float crop), its chains of official PIL ops, and the blend of that 8-bit crop with them.
+  The chains need the 8-bit image anyway, and PIL's 8-bit resize is cheaper than the float one plus
+  the rounding (155 -> 121 ms for 31 views at 224 px, BENCHMARKS.md).
 - Random draws are `adapt.draws.draw_views`, apart from the transform (`sample`): the torch path's
   own draws, so a seed gives the same crops, flips and AugMix chains on the edge and on the server.
 Importing this module must never pull torch or grpc.
@@ -31,14 +27,12 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
-from adaptclip.adapt.draws import OP_NAMES, ViewParams, draw_views, shrink_for_views
+from adaptclip.adapt.draws import ViewParams, draw_views, shrink_for_views
+from adaptclip.adapt.pil_augmix import augmix_views
 from adaptclip.adapt.resample import FILTERS, GATHER_BUDGET, banded_weights
 from adaptclip.compression.edge_model import preprocess_image
-
-_PIL_FILTERS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
-
 
 def resized_crops(pixels: np.ndarray, boxes: np.ndarray, size: int, interpolation: str = "bicubic") -> np.ndarray:
     """Crop every box of `pixels` [H, W, 3] (float in [0, 1]) and resize it to size x size with
@@ -65,35 +59,6 @@ def resized_crops(pixels: np.ndarray, boxes: np.ndarray, size: int, interpolatio
         wide = wx[part] @ tall[np.arange(n)[:, None, None], local]  # [n, G, B, S*3]
         out[part] = wide.reshape(n, -1, size, 3)[:, :size].transpose(0, 3, 2, 1)
     return np.clip(out, 0.0, 1.0, out=out)
-
-
-def augmix_op(image: Image.Image, op: str, level: float, sign: float) -> Image.Image:
-    """One official AugMix op (augmix_ops.py) on an 8-bit square image, with its drawn level and sign,
-    equal to the official PIL call bit for bit (tests/test_edge_views.py). The integer translations
-    are a crop pasted onto black: PIL's bilinear affine at an integer offset samples pixel centres
-    exactly, and the copy is ~40x cheaper than its per-pixel transform."""
-    size = image.size[0]
-    bilinear = Image.Resampling.BILINEAR
-    if op == "autocontrast":
-        return ImageOps.autocontrast(image)
-    if op == "equalize":
-        return ImageOps.equalize(image)
-    if op == "posterize":
-        return ImageOps.posterize(image, 4 - int(level * 4 / 10))
-    if op == "rotate":
-        return image.rotate(int(level * 30 / 10) * sign, resample=bilinear)
-    if op == "solarize":
-        return ImageOps.solarize(image, 256 - int(level * 256 / 10))
-    if op in ("translate_x", "translate_y"):  # output(x) = input(x + t), black outside
-        t = int(int(level * (size / 3) / 10) * sign)
-        shifted = Image.new(image.mode, image.size)
-        lo, hi = max(t, 0), size + min(t, 0)
-        box, at = ((lo, 0, hi, size), (max(-t, 0), 0)) if op == "translate_x" else ((0, lo, size, hi), (0, max(-t, 0)))
-        shifted.paste(image.crop(box), at)
-        return shifted
-    shear = level * 0.3 / 10 * sign
-    matrix = (1, shear, 0, 0, 1, 0) if op == "shear_x" else (1, 0, 0, shear, 1, 0)
-    return image.transform((size, size), Image.Transform.AFFINE, matrix, resample=bilinear)
 
 
 class ViewRenderer:
@@ -182,27 +147,7 @@ class ViewRenderer:
         return crops
 
     def _augmix(self, pixels: np.ndarray, params: ViewParams) -> np.ndarray:
-        """The official AugMixAugmenter from the drawn parameters: each view an 8-bit PIL crop, resized
-        and flipped in PIL, its chains of official ops, and the Beta/Dirichlet blend of the crop with
-        its chains, as one weight row times the view's stacked 8-bit images."""
-        n, size = len(params), self.image_size
-        source = Image.fromarray(np.rint(pixels * 255.0).astype(np.uint8))  # the 8-bit image prepare() read
-        resample = _PIL_FILTERS[self.interpolation]
-        # blend * crop + (1 - blend) * sum_c w_c * chain_c, in [0, 1]: one row of weights per view
-        coef = (np.concatenate([params.blend[None], (1 - params.blend) * params.mix_weights.T]) / 255.0).astype(np.float32)
-        stack = np.empty((self.width + 1, size * size * 3), np.uint8)  # one view's crop and its chains
-        mixed = np.empty((n, 3, size, size), np.float32)
-        for view, (top, left, height, width) in enumerate(params.boxes.tolist()):
-            crop = source.crop((left, top, left + width, top + height)).resize((size, size), resample)
-            if params.flip[view]:
-                crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-            stack[0] = np.asarray(crop).reshape(-1)
-            for chain in range(self.width):  # one PIL image per chain, kept through its ops
-                image = crop
-                for step in range(params.depth[view, chain]):
-                    image = augmix_op(image, OP_NAMES[params.ops[view, chain, step]],
-                                      float(params.levels[view, chain, step]), float(params.signs[view, chain, step]))
-                stack[chain + 1] = np.asarray(image).reshape(-1)
-            # a matrix-vector product while the view is in cache: 4x cheaper than one einsum over all views
-            mixed[view] = (coef[:, view] @ stack).reshape(size, size, 3).transpose(2, 0, 1)
-        return mixed
+        """The official AugMixAugmenter from the drawn parameters, on the 8-bit image prepare() read
+        (adapt/pil_augmix.py: the torch views on the CPU render the same)."""
+        source = Image.fromarray(np.rint(pixels * 255.0).astype(np.uint8))
+        return augmix_views(source, params, self.image_size, self.interpolation)

@@ -4,9 +4,12 @@ from __future__ import annotations
 import hashlib
 import json
 
+import torch
+
 from adaptclip.adapt.draws import DRAWS
 from adaptclip.adapt.encoder import EncoderModel
 from adaptclip.adapt.settings import AdaptSettings
+from adaptclip.adapt.views import augmix_renderer
 from adaptclip.server.cache import SCHEMA
 
 
@@ -18,11 +21,15 @@ def _digest(obj: object) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def feature_key(fingerprint: str, image_hash: str, s: AdaptSettings, tokens: str = "k1") -> str:
+def feature_key(fingerprint: str, image_hash: str, s: AdaptSettings, tokens: str = "k1",
+                device: torch.device = torch.device("cpu")) -> str:
     """Key of an image's view features: model weights, image bytes, everything that shapes the views
-    (the draw algorithm's version too) and the token compression the encoder ran with (`tokens`)."""
-    views = "v1" if s.method == "none" else _digest(
-        {"views": s.views, "seed": s.seed, "crop": list(s.crop_scale), "augmix": s.use_augmix, "draws": DRAWS})
+    (the draw algorithm's version, and with AugMix the code that renders it on the model's `device`)
+    and the token compression the encoder ran with (`tokens`)."""
+    shape = {"views": s.views, "seed": s.seed, "crop": list(s.crop_scale), "augmix": s.use_augmix, "draws": DRAWS}
+    if s.use_augmix:
+        shape["render"] = augmix_renderer(device)
+    views = "v1" if s.method == "none" else _digest(shape)
     return f"adaptclip:{SCHEMA}:features:{fingerprint}:{image_hash}:{views}:{tokens}"
 
 

@@ -124,7 +124,7 @@ class ClassifierService(pb_grpc.ClassifierServicer):
             req.token_keep_rate if req.HasField("token_keep_rate") else model.keep_rate, "token_keep_rate")
         ls = await self._label_set(req, hosted)
         check_image_bytes(req.image, self.cfg.limits.max_image_bytes)
-        fkey = feature_key(model.fingerprint, image_digest(req.image), settings, token_tag(model, keep_rate))
+        fkey = feature_key(model.fingerprint, image_digest(req.image), settings, token_tag(model, keep_rate), model.device)
         rkey = result_key(fkey, ls.id, settings)
         k = min(req.top_k or DEFAULT_TOP_K, len(ls.labels))
         resp = pb.ClassifyResponse(model=model.name, label_set_id=ls.id, request_id=req.request_id,

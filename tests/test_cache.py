@@ -87,6 +87,19 @@ def test_feature_keys_carry_the_view_draws_version(monkeypatch):
     assert keys.feature_key("fp", "img", zero_shot) == plain  # view 0 alone holds no draws: still served
 
 
+def test_augmix_feature_keys_carry_the_device_that_renders_them():
+    """AugMix views are PIL's on the CPU and Kornia's on a GPU (apart by rounding): one never answers for the other."""
+    import torch
+
+    import adaptclip.server.keys as keys
+    from adaptclip.adapt.settings import AdaptSettings
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    mixed, crops = AdaptSettings(method="gs_bias", views=8, augmix=True), AdaptSettings(method="gs_bias", views=8, augmix=False)
+    assert keys.feature_key("fp", "img", mixed, device=cpu) != keys.feature_key("fp", "img", mixed, device=gpu)
+    assert keys.feature_key("fp", "img", crops, device=cpu) == keys.feature_key("fp", "img", crops, device=gpu)
+
+
 def test_memory_lru_respects_byte_budget():
     async def run():
         backend = MemoryBackend(max_bytes=10_000)

@@ -143,28 +143,61 @@ def test_invalid_call_arguments(call, name):
 def _params(n: int, *, flip: bool = False, op: str = "solarize", blend: float = 0.0,
             weights: tuple[float, float, float] = (1.0, 0.0, 0.0)):
     """Hand-made draws: whole-image boxes, one op per chain at full severity."""
-    from adaptclip.adapt.draws import OP_NAMES
+    import numpy as np
+
+    from adaptclip.adapt.draws import OP_NAMES, ViewParams
     from adaptclip.adapt.views import _Params
 
-    return _Params(boxes=[(0, 0, SIZE, SIZE)] * n, flip=torch.full((n,), flip), mix_weights=torch.tensor([weights] * n),
-                   blend=torch.full((n,), blend), depth=torch.ones(n, 3, dtype=torch.long),
-                   ops=torch.full((n, 3, 3), OP_NAMES.index(op)), levels=torch.full((n, 3, 3), 10.0),
-                   signs=torch.ones(n, 3, 3))
+    return _Params.of(ViewParams(
+        boxes=np.array([(0, 0, SIZE, SIZE)] * n), flip=np.full(n, flip), mix_weights=np.array([weights] * n),
+        blend=np.full(n, blend), depth=np.ones((n, 3), np.int64), ops=np.full((n, 3, 3), OP_NAMES.index(op)),
+        levels=np.full((n, 3, 3), 10.0), signs=np.ones((n, 3, 3))))
 
 
-def test_augmix_applies_its_ops_and_mixes_them_with_the_crop():
+@pytest.mark.parametrize("device_is_cpu", [True, False])
+def test_augmix_applies_its_ops_and_mixes_them_with_the_crop(device_is_cpu):
     """Solarize at full severity (threshold 0) inverts every pixel: a chain of it, weighted 1 and blended 0,
-    gives 1 - crop; blend 1 gives the crop; blend 0.25 the affine mix. Without AugMix none of this happens."""
+    gives 1 - crop; blend 1 gives the crop; blend 0.25 the affine mix. Without AugMix none of this happens.
+    On the CPU the PIL rendering (8-bit crops), elsewhere Kornia's float ops (run here on CPU tensors)."""
     image = torch.rand(3, SIZE, SIZE, generator=torch.Generator().manual_seed(3))
-    plain = ViewGenerator(SIZE, MEAN, STD, augmix=False)._augment(image, _params(2))
     gen = ViewGenerator(SIZE, MEAN, STD, augmix=True)
-    torch.testing.assert_close(gen._augment(image, _params(2)), 1.0 - plain)
-    torch.testing.assert_close(gen._augment(image, _params(2, blend=1.0)), plain)
-    torch.testing.assert_close(gen._augment(image, _params(2, blend=0.25)), 0.25 * plain + 0.75 * (1.0 - plain))
+    crops = ViewGenerator(SIZE, MEAN, STD, augmix=False)._augment
+    if device_is_cpu:  # whole-image boxes at the image's own size: PIL's crop is the 8-bit image itself
+        image = torch.round(image * 255) / 255  # an 8-bit image, as to_tensor reads one
+        augment, tol, plain = gen._augment, {"rtol": 0, "atol": 1e-6}, image[None].expand(2, -1, -1, -1)
+    else:
+        augment, tol, plain = (lambda im, p: gen._kornia_augmix(crops(im, p), p)), {}, crops(image, _params(2))
+    torch.testing.assert_close(augment(image, _params(2)), 1.0 - plain, **tol)
+    torch.testing.assert_close(augment(image, _params(2, blend=1.0)), plain, **tol)
+    torch.testing.assert_close(augment(image, _params(2, blend=0.25)), 0.25 * plain + 0.75 * (1.0 - plain), **tol)
     # Seeded AugMix views differ from the same seed's plain crops (same boxes and flips: drawn first).
     aug = gen(_images(), _base(3), 9, seed=4)
-    crops = ViewGenerator(SIZE, MEAN, STD, augmix=False)(_images(), _base(3), 9, seed=4)
-    assert ((aug[:, 1:] - crops[:, 1:]).abs().flatten(2).mean(-1) > 1e-3).float().mean() > 0.9
+    plain_views = ViewGenerator(SIZE, MEAN, STD, augmix=False)(_images(), _base(3), 9, seed=4)
+    assert ((aug[:, 1:] - plain_views[:, 1:]).abs().flatten(2).mean(-1) > 1e-3).float().mean() > 0.9
+
+
+def test_cpu_augmix_views_are_the_edge_renderers():
+    """On the CPU both paths render a seed's AugMix views with the same PIL code from the same draws."""
+    import numpy as np
+    from PIL import Image
+
+    from adaptclip.adapt.views import view_plan
+    from adaptclip.compression.edge_views import ViewRenderer
+
+    rng = np.random.default_rng(8)
+    img = Image.fromarray(rng.integers(0, 256, (70, 90, 3), dtype=np.uint8)).resize((120, 93))
+    renderer = ViewRenderer(SIZE, MEAN, STD, crop_scale=(0.3, 1.0))
+    edge = renderer(img, 12, seed=21)
+
+    class Model:  # what view_plan reads of a model
+        image_size, mean, std, device = SIZE, MEAN, STD, torch.device("cpu")
+        kernels = type("K", (), {"views": "torch"})()
+
+    from adaptclip.adapt.settings import AdaptSettings
+
+    s = AdaptSettings(method="gs_bias", views=12, seed=21, crop_scale=(0.3, 1.0), augmix=True)
+    got = view_plan(Model(), img, torch.from_numpy(edge[0]), s).render(0, 12)
+    np.testing.assert_allclose(got.numpy(), edge, rtol=0, atol=1e-6)
 
 
 def test_flipped_views_are_mirror_images_of_their_crops():
