@@ -3,8 +3,9 @@
 Times `ViewRenderer.render` (compression/edge_views.py) and `ViewPlan.render` (adapt/views.py) over
 the same CIFAR test images upscaled to 256 px, V - 1 views each at S px, AugMix on and off, with
 `--threads` torch/numpy threads. Rendering is single-image CPU work, so unlike the end-to-end cost
-of bench/edge_tta.py it measures steadily on a shared machine; the two paths' draws differ (numpy
-vs torch RNG), so each is compared with itself across code versions, not with the other.
+of bench/edge_tta.py it measures steadily on a shared machine. Both paths render the same draws
+(adapt/draws.py), and on the CPU the same PIL code for AugMix (adapt/pil_augmix.py); each path is
+compared with itself across code versions.
 `--python-path` runs the measurement with another checkout's package (its `proto/adaptclip`,
 `adapt`, ... folders) in alternating subprocesses, for a before/after ratio from one run:
 
