@@ -9,9 +9,10 @@ shear_x, shear_y, translate_x, translate_y], mixed with Dirichlet(1, ..., 1) wei
 mix Beta(1, 1)-blended with the crop.
 
 AugMix views on the CPU are the official PIL rendering on 8-bit crops (adapt/pil_augmix.py, the edge
-renderer's own code: a seed gives the same AugMix views on a CPU server and on the edge), 1.6x cheaper
-there than Kornia's float ops (31 views at 224 px, one thread: BENCHMARKS.md, issue 17). Crops without AugMix, and AugMix on other
-devices (a GPU), are torch's, with these differences from the PIL original, all deliberate:
+renderer's own code: a seed gives the same AugMix views on a CPU server and on the edge), 1.6x
+cheaper there than Kornia's float ops (31 views at 224 px, one thread: BENCHMARKS.md, issue 17).
+Crops without AugMix, and AugMix on other devices (a GPU), are torch's, with these differences from
+the PIL original, all deliberate:
 
 - Everything is float in [0, 1] on the device: no 8-bit rounding between ops (posterize and
   equalize still quantise to 256 levels, as kornia implements them).
