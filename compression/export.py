@@ -79,7 +79,8 @@ class ExportAttention(nn.Module):
 
     def __init__(self, mha: nn.MultiheadAttention) -> None:
         super().__init__()
-        self.heads = mha.num_heads
+        self.heads, self.width = mha.num_heads, mha.embed_dim
+        self.scale = (mha.embed_dim // mha.num_heads) ** -0.5  # a constant in the graph, not a Shape/Div/Pow chain
         self.in_proj = nn.Linear(mha.embed_dim, 3 * mha.embed_dim, bias=mha.in_proj_bias is not None)
         self.in_proj.weight, self.in_proj.bias = mha.in_proj_weight, mha.in_proj_bias
         self.out_proj = mha.out_proj
@@ -93,10 +94,10 @@ class ExportAttention(nn.Module):
                 need_weights: bool = False, attn_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, None]:
         if (k_x is not None and k_x is not q_x) or (v_x is not None and v_x is not q_x) or attn_mask is not None:
             raise ValueError("ExportAttention is self-attention without a mask (an image tower's)")
-        n, length, width = q_x.shape
-        q, k, v = self.in_proj(q_x).reshape(n, length, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)
-        attn = torch.softmax((q * (width // self.heads) ** -0.5) @ k.transpose(-2, -1), dim=-1)
-        return self.out_proj((attn @ v).transpose(1, 2).reshape(n, length, width)), None
+        n, length = q_x.shape[:2]
+        q, k, v = self.in_proj(q_x).reshape(n, length, 3, self.heads, self.width // self.heads).permute(2, 0, 3, 1, 4)
+        attn = torch.softmax((q * self.scale) @ k.transpose(-2, -1), dim=-1)
+        return self.out_proj((attn @ v).transpose(1, 2).reshape(n, length, self.width)), None
 
 
 def lean_attention(model: nn.Module) -> nn.Module:

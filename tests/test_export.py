@@ -177,7 +177,8 @@ def test_linear_outputs_stay_fp32_unless_asked(tmp_path: Path, hosted: TorchMode
 
 def test_export_attention_equals_multihead_attention_and_exports_leaner(tmp_path: Path, hosted: TorchModel) -> None:
     """The exported tower's self-attention (ExportAttention) gives MultiheadAttention's numbers with
-    fewer transposes in the graph, and the model it was copied from is left as it was."""
+    fewer transposes in the graph and its scale as a constant (no Shape/Div/Pow chain per block, whose
+    small ops weigh on a tiny tower), and the model it was copied from is left as it was."""
     from adaptclip.compression.export import ExportAttention, lean_attention
 
     mha = torch.nn.MultiheadAttention(24, 4, batch_first=True).eval()
@@ -192,5 +193,6 @@ def test_export_attention_equals_multihead_attention_and_exports_leaner(tmp_path
     replaced = [m for m in lean.visual.modules() if isinstance(m, ExportAttention)]
     assert replaced and not any(isinstance(m, ExportAttention) for m in hosted.module.visual.modules())
     path = export_image_tower(hosted.module, tmp_path / "f.onnx", hosted.image_size)  # compares with torch itself
-    transposes = sum(n.op_type == "Transpose" for n in onnx.load(str(path)).graph.node)
-    assert transposes <= 3 * len(replaced) + 1
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    assert ops.count("Transpose") <= 3 * len(replaced) + 1
+    assert "Pow" not in ops
