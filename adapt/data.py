@@ -10,6 +10,7 @@ import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
 
+from adaptclip.adapt.images import to_rgb
 from adaptclip.adapt.shifts import Shift
 
 # File suffixes that folder walks (labelling jobs, evaluation, real-image calibration) treat as images.
@@ -53,7 +54,7 @@ def load_folder(root: str | Path, classes: Sequence[str] | None = None, limit_pe
 
 def decode_shifted(path: Path, shift: Shift, seed: int) -> Image.Image:
     """Decode as the server does (PIL, RGB), corrupt, and store as 8-bit RGB (as a corrupted file would be)."""
-    img = Image.open(path).convert("RGB")
+    img = to_rgb(Image.open(path))
     if shift.name == "clean":
         return img
     out = shift(TF.to_tensor(img), seed)

@@ -22,6 +22,8 @@ from dataclasses import dataclass, fields
 import numpy as np
 from PIL import Image
 
+from adaptclip.adapt.images import to_rgb
+
 DRAWS = "np1"  # the draw algorithm's version: cache keys carry it, so views of other draws never answer
 MAX_VIEW_SIDE = 4  # huge photos are shrunk to 4x the input size (short side) before cropping views
 CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)  # torchvision RandomResizedCrop default
@@ -99,8 +101,7 @@ def crop_boxes(rng: np.random.Generator, n: int, height: int, width: int,
 
 def shrink_for_views(image: Image.Image, size: int) -> Image.Image:
     """RGB, short side at most MAX_VIEW_SIDE * size (PIL bicubic): the pixels views are cropped from."""
-    if image.mode != "RGB":
-        image = image.convert("RGB")
+    image = to_rgb(image)
     short = min(image.size)
     if short > MAX_VIEW_SIDE * size:
         factor = MAX_VIEW_SIDE * size / short

@@ -19,6 +19,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 from PIL import Image
 
+from adaptclip.adapt.images import UnsupportedImage, to_rgb
 from adaptclip.adapt.settings import METHODS
 from adaptclip.compression.edge_model import EdgeModel, read_manifest, recorded_adaptation, softmax
 from adaptclip.compression.edge_tta import EdgeAdapter, EdgeAnswer, edge_settings, spin_while_adapting
@@ -78,10 +79,12 @@ def _open(paths: Sequence[str]) -> Iterator[tuple[str, Image.Image | None]]:
         try:
             with Image.open(path) as im:
                 im.load()
-                yield path, im.convert("RGB")
-        except OSError as exc:
+                rgb = to_rgb(im)
+                rgb = im.copy() if rgb is im else rgb  # closing the file frees the pixels it loaded
+        except (OSError, UnsupportedImage) as exc:
             print(f"adaptclip edge: {path}: {exc}", file=sys.stderr)
-            yield path, None
+            rgb = None
+        yield path, rgb
 
 
 def run_classify(args: argparse.Namespace) -> int:

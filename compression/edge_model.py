@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from adaptclip.adapt.images import to_rgb
+
 # Format 2 adds the patch output (GS-Bias's spatial bias) and the recorded adaptation defaults; a
 # format 1 bundle still loads, global-only, with no defaults of its own.
 BUNDLE_FORMAT = "adaptclip-edge-bundle/2"
@@ -33,7 +35,7 @@ def default_providers() -> list[str]:
 def preprocess_image(image: Image.Image, size: int, mean: Sequence[float], std: Sequence[float],
                      interpolation: str = "bicubic", resize_mode: str = "shortest") -> np.ndarray:
     """[3, size, size] float32, as open_clip's transform (torchvision Resize + CenterCrop on PIL) gives."""
-    image = image.convert("RGB")
+    image = to_rgb(image)
     resample = _INTERPOLATION[interpolation]
     w, h = image.size
     if resize_mode == "squash":

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from adaptclip.adapt.data import IMAGE_SUFFIXES
+from adaptclip.adapt.images import to_rgb
 from adaptclip.compression.tokens import cls_attention_heads
 
 
@@ -312,4 +313,4 @@ def real_images(folder: str | Path, preprocess, n: int, seed: int = 0) -> Tensor
 
     files = list_images(folder)
     picked = random.Random(seed).sample(files, min(n, len(files)))
-    return torch.stack([preprocess(Image.open(p).convert("RGB")) for p in picked])
+    return torch.stack([preprocess(to_rgb(Image.open(p))) for p in picked])

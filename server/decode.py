@@ -7,6 +7,7 @@ import warnings
 
 from PIL import Image, UnidentifiedImageError
 
+from adaptclip.adapt.images import UnsupportedImage, to_rgb
 from adaptclip.server.errors import invalid
 
 def check_image_bytes(data: bytes, max_bytes: int, field: str = "image") -> None:
@@ -18,7 +19,7 @@ def check_image_bytes(data: bytes, max_bytes: int, field: str = "image") -> None
 
 
 def decode_image(data: bytes, *, max_bytes: int, max_pixels: int, field: str = "image") -> Image.Image:
-    """Decode an encoded image to RGB; raise INVALID_ARGUMENT naming `field` when it is bad.
+    """Decode an encoded image to 8-bit RGB (adapt/images.py); raise INVALID_ARGUMENT naming `field` when it is bad.
 
     The size is read from the header first, so an oversized image (or a decompression bomb)
     is refused without allocating its pixels.
@@ -39,4 +40,7 @@ def decode_image(data: bytes, *, max_bytes: int, max_pixels: int, field: str = "
         raise invalid(field, f"cannot decode image ({exc.__class__.__name__}: {detail})") from None
     if width == 0 or height == 0:
         raise invalid(field, "image has zero width or height")
-    return img.convert("RGB")
+    try:
+        return to_rgb(img)
+    except UnsupportedImage as exc:
+        raise invalid(field, str(exc)) from None

@@ -132,3 +132,20 @@ def test_runs_where_torch_cannot_be_imported(tmp_path: Path, bundle: Path, image
     adapted = [json.loads(x) for x in run.stdout.splitlines()]
     assert len(adapted) == len(image_files)
     assert all(a["adaptation"]["views_encoded"] == 6 and not a["adaptation"]["global_only"] for a in adapted)
+
+
+def test_cli_edge_scales_sixteen_bit_images_and_refuses_float_ones(bundle: Path, tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    grey = np.random.default_rng(0).integers(0, 65536, (40, 48), dtype=np.uint16)
+    Image.fromarray(grey).save(tmp_path / "deep.png")  # mode I;16: PIL's convert("RGB") would clip it white
+    Image.fromarray(np.rint(grey / 257.0).astype(np.uint8)).convert("RGB").save(tmp_path / "eight.png")
+    Image.new("F", (8, 8), 0.5).save(tmp_path / "float.tif")
+    parser = argparse.ArgumentParser()
+    cli_edge.add_parser(parser.add_subparsers(dest="command"))
+    names = [str(tmp_path / n) for n in ("deep.png", "eight.png", "float.tif")]
+    args = parser.parse_args(["edge", "classify", "--bundle", str(bundle), *names, "--json"])
+    assert cli_edge.run(args) == 1
+    out = capsys.readouterr()
+    deep, eight = (json.loads(x) for x in out.out.splitlines())
+    assert deep["top"] == eight["top"]
+    assert "float.tif" in out.err and "mode F" in out.err
