@@ -15,7 +15,7 @@ SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
 
 
 class UnsupportedImage(ValueError):
-    """Pixels with no agreed 8-bit reading (32-bit integer or float)."""
+    """Pixels with no agreed 8-bit reading (32-bit integer or float, signed or packed 16-bit)."""
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
