@@ -7,7 +7,7 @@ import warnings
 
 from PIL import Image, UnidentifiedImageError
 
-from adaptclip.adapt.images import UnsupportedImage, to_rgb
+from adaptclip.adapt.images import to_rgb
 from adaptclip.server.errors import invalid
 
 def check_image_bytes(data: bytes, max_bytes: int, field: str = "image") -> None:
@@ -42,5 +42,5 @@ def decode_image(data: bytes, *, max_bytes: int, max_pixels: int, field: str = "
         raise invalid(field, "image has zero width or height")
     try:
         return to_rgb(img)
-    except UnsupportedImage as exc:
-        raise invalid(field, str(exc)) from None
+    except ValueError as exc:  # UnsupportedImage, or a mode PIL cannot convert to RGB
+        raise invalid(field, f"cannot convert to RGB ({exc})") from None
