@@ -52,24 +52,26 @@ def augmix_op(image: Image.Image, op: str, level: float, sign: float) -> Image.I
 def augmix_views(source: Image.Image, params: ViewParams, size: int, interpolation: str = "bicubic") -> np.ndarray:
     """The AugMix views of `params` cut from the 8-bit RGB `source`: [n, 3, size, size] float32 in
     [0, 1], before normalisation. Each chain keeps one PIL image through its ops (the official calls,
-    bit for bit), and a view's crop and chains are blended by one weight row times their stacked
-    8-bit pixels while they are in cache (4x cheaper than one einsum over all views)."""
-    n, width = len(params), params.mix_weights.shape[1]
+    bit for bit), and a view's crop and chains are blended as they are made, each 8-bit image times
+    its weight added into one reused float buffer. No BLAS: numpy's OpenBLAS wakes a thread per core
+    for a matrix product and they spin after it, on the cores the encoder and any other render
+    thread need (a stacked-pixels product per view made two render threads slower than one, and
+    cost an edge ViT-B-32 image ~7 % of its encoder time beside it; BENCHMARKS.md, issue 17)."""
     resample = PIL_FILTERS[interpolation]
-    # blend * crop + (1 - blend) * sum_c w_c * chain_c, in [0, 1]: one row of weights per view
+    # blend * crop + (1 - blend) * sum_c w_c * chain_c, in [0, 1]: one weight per view and image
     coef = (np.concatenate([params.blend[None], (1 - params.blend) * params.mix_weights.T]) / 255.0).astype(np.float32)
-    stack = np.empty((width + 1, size * size * 3), np.uint8)  # one view's crop and its chains
-    mixed = np.empty((n, 3, size, size), np.float32)
+    mixed = np.empty((len(params), 3, size, size), np.float32)
+    acc, term = np.empty((size, size, 3), np.float32), np.empty((size, size, 3), np.float32)
     for view, (top, left, height, crop_width) in enumerate(params.boxes.tolist()):
         crop = source.crop((left, top, left + crop_width, top + height)).resize((size, size), resample)
         if params.flip[view]:
             crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        stack[0] = np.asarray(crop).reshape(-1)
-        for chain in range(width):
+        np.multiply(np.asarray(crop), coef[0, view], out=acc)
+        for chain in range(params.mix_weights.shape[1]):
             image = crop
             for step in range(params.depth[view, chain]):
                 image = augmix_op(image, OP_NAMES[params.ops[view, chain, step]],
                                   float(params.levels[view, chain, step]), float(params.signs[view, chain, step]))
-            stack[chain + 1] = np.asarray(image).reshape(-1)
-        mixed[view] = (coef[:, view] @ stack).reshape(size, size, 3).transpose(2, 0, 1)
+            acc += np.multiply(np.asarray(image), coef[chain + 1, view], out=term)
+        mixed[view] = acc.transpose(2, 0, 1)
     return mixed
