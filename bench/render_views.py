@@ -2,7 +2,8 @@
 
 Times `ViewRenderer.render` (compression/edge_views.py) and `ViewPlan.render` (adapt/views.py) over
 the same CIFAR test images upscaled to 256 px, V - 1 views each at S px, AugMix on and off, with
-`--threads` torch/numpy threads. Rendering is single-image CPU work, so unlike the end-to-end cost
+`--threads` torch/numpy threads, and each image's views split across `--render-threads` threads at once
+(as a render thread beside other CPU work meets numpy's BLAS threads). Rendering is single-image CPU work, so unlike the end-to-end cost
 of bench/edge_tta.py it measures steadily on a shared machine. Both paths render the same draws
 (adapt/draws.py), and on the CPU the same PIL code for AugMix (adapt/pil_augmix.py); each path is
 compared with itself across code versions.
@@ -22,6 +23,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 PACKAGES = ("adapt", "client", "compression", "kernels", "server")
@@ -38,6 +40,9 @@ def measure(args: argparse.Namespace) -> dict:
     from adaptclip.compression.edge_views import ViewRenderer
 
     torch.set_num_threads(args.threads)
+    pool = ThreadPoolExecutor(args.render_threads)
+    cuts = np.linspace(1, args.views, args.render_threads + 1).astype(int).tolist()
+    parts = [(lo, hi) for lo, hi in zip(cuts, cuts[1:]) if hi > lo]  # view ranges [lo, hi), one per thread
     mean, std = (0.481, 0.458, 0.408), (0.269, 0.261, 0.276)
     data = load_folder(args.data, limit_per_class=1, seed=1)
     images = [Image.open(p).convert("RGB").resize((256, 256), Image.Resampling.BICUBIC) for p in data.paths[:args.images]]
@@ -50,24 +55,27 @@ def measure(args: argparse.Namespace) -> dict:
         for i, img in enumerate([images[0], *images]):  # the first image warms up
             start = time.perf_counter()
             pixels = edge.prepare(img)
-            edge.render(pixels, edge.sample(i, args.views - 1, *pixels.shape[:2]))
+            params = edge.sample(i, args.views - 1, *pixels.shape[:2])
+            list(pool.map(lambda part: edge.render(pixels, params.select(part[0] - 1, part[1] - 1)), parts))
             edge_ms = 1000 * (time.perf_counter() - start)
             tensor = torch.from_numpy(np.asarray(img, np.float32) / 255.0).permute(2, 0, 1).contiguous()
             start = time.perf_counter()
-            gen.plan(tensor, base, args.views, i).render(1, args.views)
+            plan = gen.plan(tensor, base, args.views, i)
+            list(pool.map(lambda part: plan.render(*part), parts))
             torch_ms = 1000 * (time.perf_counter() - start)
             if i:
                 times["edge"].append(edge_ms)
                 times["torch"].append(torch_ms)
         for path, values in times.items():
             out[f"{path}_{'augmix' if augmix else 'crops'}_ms"] = round(statistics.median(values), 2)
+    pool.shutdown()
     return out
 
 
 def _run(tree: str | None, args: argparse.Namespace) -> dict:
     """One measurement in a subprocess, with `tree`'s packages in place of this checkout's when given."""
     cmd = [sys.executable, __file__, "--worker", "--images", str(args.images), "--views", str(args.views),
-           "--size", str(args.size), "--threads", str(args.threads), "--data", args.data]
+           "--size", str(args.size), "--threads", str(args.threads), "--render-threads", str(args.render_threads), "--data", args.data]
     env = dict(os.environ)
     if tree:
         env["ADAPTCLIP_TREE"] = tree
@@ -91,6 +99,7 @@ def main() -> None:
     p.add_argument("--views", type=int, default=32)
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--render-threads", type=int, default=1, help="threads each image's views are split across")
     p.add_argument("--rounds", type=int, default=4, help="subprocess pairs (baseline and this tree, in alternating order)")
     p.add_argument("--baseline", help="another checkout to compare with (its packages replace this one's)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
