@@ -56,7 +56,7 @@ def augmix_views(source: Image.Image, params: ViewParams, size: int, interpolati
     its weight added into one reused float buffer. No BLAS: numpy's OpenBLAS wakes a thread per core
     for a matrix product and they spin after it, on the cores the encoder and any other render
     thread need (a stacked-pixels product per view made two render threads slower than one, and
-    cost an edge ViT-B-32 image ~7 % of its encoder time beside it; BENCHMARKS.md, issue 17)."""
+    cost an edge ViT-B-32 image a tenth of its encoder time beside it; BENCHMARKS.md, issue 17)."""
     resample = PIL_FILTERS[interpolation]
     # blend * crop + (1 - blend) * sum_c w_c * chain_c, in [0, 1]: one weight per view and image
     coef = (np.concatenate([params.blend[None], (1 - params.blend) * params.mix_weights.T]) / 255.0).astype(np.float32)

@@ -2,9 +2,10 @@
 
 Times `ViewRenderer.render` (compression/edge_views.py) and `ViewPlan.render` (adapt/views.py) over
 the same CIFAR test images upscaled to 256 px, V - 1 views each at S px, AugMix on and off, with
-`--threads` torch/numpy threads, and each image's views split across `--render-threads` threads at once
-(as a render thread beside other CPU work meets numpy's BLAS threads). Rendering is single-image CPU work, so unlike the end-to-end cost
-of bench/edge_tta.py it measures steadily on a shared machine. Both paths render the same draws
+`--threads` torch/numpy threads, and each image's views split across `--render-threads` threads at
+once (what shows whether rendering leaves other threads their cores: numpy's BLAS threads did not).
+Rendering is single-image CPU work, so unlike the end-to-end cost of bench/edge_tta.py it measures
+steadily on a shared machine. Both paths render the same draws
 (adapt/draws.py), and on the CPU the same PIL code for AugMix (adapt/pil_augmix.py); each path is
 compared with itself across code versions.
 `--python-path` runs the measurement with another checkout's package (its `proto/adaptclip`,
