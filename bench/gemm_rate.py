@@ -1,11 +1,11 @@
 """The matrix-product rate of this CPU: onnxruntime's u8 x s8 int8 product against fp32 (its own and torch's).
 
-An INT8 bundle is faster than fp32 torch only as far as the int8 products are. CPUs with an int8
-dot-product instruction (AVX-512 VNNI, AVX-VNNI) run them at ~4x fp32's multiply-adds a cycle;
-without one, onnxruntime's kernels multiply bytes with vpmaddubsw and add pairs with vpmaddwd, and
-where those share one pipe (AMD Zen 2) that is fp32's FMA rate, so INT8 buys nothing there. One
-product of a ViT-B-32 MLP's shape (8 views' 50 tokens x 768 -> 3,072), the least of --rounds runs,
-at each thread count; the JSON records the CPU.
+An INT8 bundle is faster than fp32 torch only as far as the int8 products are. With VNNI, one
+vpdpbusd does four int8 multiply-adds per 32-bit lane where an FMA does one fp32; without it,
+onnxruntime's kernels multiply bytes with vpmaddubsw and add pairs with vpmaddwd, which on AMD Zen 2
+measured at fp32's rate (BENCHMARKS.md, issue 17), so INT8 buys no time there. One product of a
+ViT-B-32 MLP's shape (8 views' 50 tokens x 768 -> 3,072), the least of --rounds runs, at each thread
+count; the JSON records the CPU and its int8-relevant flags.
 
     .venv/bin/python bench/gemm_rate.py --threads 1,2 --out bench/results/gemm-rate.json
 """

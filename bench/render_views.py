@@ -8,7 +8,7 @@ Rendering is single-image CPU work, so unlike the end-to-end cost of bench/edge_
 steadily on a shared machine. Both paths render the same draws
 (adapt/draws.py), and on the CPU the same PIL code for AugMix (adapt/pil_augmix.py); each path is
 compared with itself across code versions.
-`--python-path` runs the measurement with another checkout's package (its `proto/adaptclip`,
+`--baseline` runs the measurement with another checkout's package (its `proto/adaptclip`,
 `adapt`, ... folders) in alternating subprocesses, for a before/after ratio from one run:
 
     .venv/bin/python bench/render_views.py --images 10 --views 32 --size 224 --rounds 4 \
