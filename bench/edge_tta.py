@@ -19,7 +19,9 @@ One run, two parts:
             (onnxruntime's workers spinning unless AugMix renders beside them,
             edge_tta.spin_while_adapting); the edge encoder alone always spins, its quickest.
             Models: the CIFAR model (its bundle) and ViT-B-32 random init (its bundle), with the
-            bundle's crops / AugMix.
+            bundle's crops / AugMix; `--b32-model` swaps in another random-init config for the
+            second (a shallower ViT-B/32 stands in for a CPU that encodes faster, where rendering
+            weighs more beside the encoder).
 
     .venv/bin/python bench/edge_tta.py --cifar-bundle B --cifar-model JSON --cifar-pretrained PT \\
         --b32-bundle B32 --per-class 40 --out bench/results/edge_tta.json
@@ -259,6 +261,8 @@ def main() -> None:
     p.add_argument("--cifar-model", required=True)
     p.add_argument("--cifar-pretrained", required=True)
     p.add_argument("--b32-bundle", required=True, help="ViT-B-32 random-init bundle (cost only: its weights need not be the torch ones)")
+    p.add_argument("--b32-model", default="ViT-B-32",
+                   help="the torch model beside --b32-bundle (random init): the config the bundle was exported from")
     p.add_argument("--data", default="/tmp/data/test")
     p.add_argument("--per-class", type=int, default=40)
     p.add_argument("--held-out", action="store_true",
@@ -296,7 +300,7 @@ def main() -> None:
     result["cost"] = {"cifar": cost("cifar", args.cifar_bundle, args.threads, cifar, images, views_list, log,
                                     args.repeats)}
     torch.manual_seed(0)
-    b32 = load_model(ModelSpec(model="ViT-B-32", device="cpu", random_init=True))
+    b32 = load_model(ModelSpec(model=args.b32_model, device="cpu", random_init=True))
     big = [img.resize((256, 256)) for img in images]  # CIFAR's 32 px upscaled: 224-px views need that much
     result["cost"]["vit_b_32"] = cost("vit_b_32", args.b32_bundle, args.threads, b32, big, views_list, log,
                                       args.repeats)
