@@ -34,13 +34,13 @@ import concurrent.futures
 import json
 import math
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from machine import machine_info
 
 from adaptclip.adapt.data import decode_shifted, load_folder
 from adaptclip.adapt.methods import adapt_views
@@ -284,9 +284,7 @@ def main() -> None:
     def log(msg: str) -> None:
         print(f"[{time.perf_counter() - started:7.1f} s] {msg}", flush=True)
 
-    result: dict = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                                "threads": torch.get_num_threads(), "load_average_at_start": os.getloadavg()},
-                    "command": vars(args)}
+    result: dict = {"machine": machine_info(threads=torch.get_num_threads()), "command": vars(args)}
     cifar_edge = EdgeModel(args.cifar_bundle, ["CPUExecutionProvider"], args.threads)
     cifar = load_model(ModelSpec(model=args.cifar_model, pretrained=args.cifar_pretrained, device="cpu"))
     if not args.skip_accuracy:

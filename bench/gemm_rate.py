@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
+from machine import machine_info
 from onnx import TensorProto, helper, numpy_helper
 
 M, K, N = 400, 768, 3072
@@ -70,24 +69,13 @@ def measure(threads: int, rounds: int) -> dict:
             "u8s8_over_onnxruntime_fp32": round(secs["onnxruntime_fp32"] / secs["onnxruntime_u8s8"], 3)}
 
 
-def cpu_flags() -> list[str]:
-    """The int8-relevant instruction sets /proc/cpuinfo lists (Linux; [] elsewhere)."""
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")).split()
-    except (OSError, StopIteration):
-        return []
-    return sorted(f for f in flags if f in {"avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8"})
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", default="1,2")
     p.add_argument("--rounds", type=int, default=30)
     p.add_argument("--out")
     args = p.parse_args()
-    result = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                          "flags": cpu_flags(), "load_average_at_start": os.getloadavg()},
-              "shape": [M, K, N], "threads": {}}
+    result = {"machine": machine_info(), "shape": [M, K, N], "threads": {}}
     for t in (int(x) for x in args.threads.split(",")):
         result["threads"][str(t)] = measure(t, args.rounds)
         print(t, "threads:", json.dumps(result["threads"][str(t)]), flush=True)

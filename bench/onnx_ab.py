@@ -13,13 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+from machine import machine_info
 
 
 def main() -> None:
@@ -54,8 +54,7 @@ def main() -> None:
         print(f"{row['median_ms']:9.2f} ms  x{row['baseline_over_this']:.3f}  {row['model']}")
     if args.out:
         Path(args.out).write_text(json.dumps({
-            "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                        "load_average_at_start": load},
+            "machine": machine_info(load_average_at_start=load),
             "command": vars(args), "rows": rows}, indent=1))
 
 

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -31,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
+from machine import machine_info
 from PIL import Image
 
 from adaptclip.client.client import load_lines
@@ -158,22 +157,9 @@ def onnx_runner(sess: ort.InferenceSession, pixels: np.ndarray) -> Callable[[], 
     return lambda: sess.run(None, feed)
 
 
-def cpu_model() -> str:
-    """The CPU's name and its int8 dot-product extensions: INT8 speed-ups depend on them."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor()
-    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
-    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
-    extensions = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags]
-    return f"{name} ({', '.join(extensions) or 'no AVX2'})"
-
-
 def run_info() -> dict:
     """The command, the machine and the versions, recorded with every result."""
-    return {"command": " ".join([Path(sys.executable).name, *sys.argv]), "machine": platform.machine(),
-            "cpu": cpu_model(), "cpus": os.cpu_count(),
+    return {"command": " ".join([Path(sys.executable).name, *sys.argv]), "machine": machine_info(),
             "versions": {"torch": torch.__version__, "onnxruntime": ort.__version__}}
 
 

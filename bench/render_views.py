@@ -19,13 +19,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from machine import machine_info
 
 PACKAGES = ("adapt", "client", "compression", "kernels", "server")
 
@@ -121,9 +122,7 @@ def main() -> None:
     summary = {k: {f: round(min(row[f] for row in v), 2) for f in v[0]} for k, v in rounds.items() if v}
     if args.baseline:
         summary["baseline_over_this"] = {f: round(summary["baseline"][f] / summary["this"][f], 3) for f in summary["this"]}
-    result = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                          "load_average_at_start": os.getloadavg()},
-              "command": " ".join(sys.argv), "rounds": rounds, "summary": summary}
+    result = {"machine": machine_info(), "command": " ".join(sys.argv), "rounds": rounds, "summary": summary}
     print(json.dumps(summary, indent=1))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))
