@@ -13,6 +13,8 @@ compared with itself across code versions.
 
     .venv/bin/python bench/render_views.py --images 10 --views 32 --size 224 --rounds 4 \
         --baseline /tmp/old --out bench/results/render-views.json
+
+`--per-op` instead splits the edge AugMix rendering's time (one thread) by official op, and the rest.
 """
 from __future__ import annotations
 
@@ -74,6 +76,44 @@ def measure(args: argparse.Namespace) -> dict:
     return out
 
 
+def per_op(args: argparse.Namespace) -> dict:
+    """Where the edge renderer's AugMix time goes, one thread: ms an image in each official op (by
+    name, with calls an image and ms a call) and in the rest (crops' resizes, flips, blend, normalisation)."""
+    import numpy as np
+    from PIL import Image
+
+    import adaptclip.adapt.pil_augmix as pil_augmix
+    from adaptclip.adapt.data import load_folder
+    from adaptclip.compression.edge_views import ViewRenderer
+
+    spent: dict[str, list[float]] = {}
+    op = pil_augmix.augmix_op
+
+    def timed(image: Image.Image, name: str, level: float, sign: float) -> Image.Image:
+        start = time.perf_counter()
+        out = op(image, name, level, sign)
+        spent.setdefault(name, []).append(time.perf_counter() - start)
+        return out
+
+    pil_augmix.augmix_op = timed  # augmix_views looks the op up at each call
+    data = load_folder(args.data, limit_per_class=1, seed=1)
+    images = [Image.open(p).convert("RGB").resize((256, 256), Image.Resampling.BICUBIC) for p in data.paths[:args.images]]
+    edge = ViewRenderer(args.size, (0.481, 0.458, 0.408), (0.269, 0.261, 0.276), augmix=True)
+    total, n = 0.0, args.rounds * len(images)
+    for r in range(args.rounds):
+        for i, img in enumerate(images):
+            pixels = edge.prepare(img)
+            params = edge.sample(i, args.views - 1, *pixels.shape[:2])
+            start = time.perf_counter()
+            edge.render(pixels, params)
+            total += time.perf_counter() - start
+    ops = {name: {"ms_per_image": round(1000 * sum(t) / n, 2), "calls_per_image": round(len(t) / n, 2),
+                  "ms_per_call": round(1000 * float(np.mean(t)), 3)} for name, t in sorted(spent.items())}
+    in_ops = sum(sum(t) for t in spent.values())
+    return {"render_ms_per_image": round(1000 * total / n, 2), "ops": ops,
+            "ops_ms_per_image": round(1000 * in_ops / n, 2), "rest_ms_per_image": round(1000 * (total - in_ops) / n, 2)}
+
+
 def _run(tree: str | None, args: argparse.Namespace) -> dict:
     """One measurement in a subprocess, with `tree`'s packages in place of this checkout's when given."""
     cmd = [sys.executable, __file__, "--worker", "--images", str(args.images), "--views", str(args.views),
@@ -104,9 +144,17 @@ def main() -> None:
     p.add_argument("--render-threads", type=int, default=1, help="threads each image's views are split across")
     p.add_argument("--rounds", type=int, default=4, help="subprocess pairs (baseline and this tree, in alternating order)")
     p.add_argument("--baseline", help="another checkout to compare with (its packages replace this one's)")
+    p.add_argument("--per-op", action="store_true",
+                   help="instead: the edge AugMix rendering's time per official op, one thread, --rounds passes")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out")
     args = p.parse_args()
+    if args.per_op:
+        result = {"machine": machine_info(), "command": " ".join(sys.argv), "per_op": per_op(args)}
+        print(json.dumps(result["per_op"], indent=1))
+        if args.out:
+            Path(args.out).write_text(json.dumps(result, indent=1))
+        return
     if args.worker:
         if os.environ.get("ADAPTCLIP_TREE"):
             _use_tree(os.environ["ADAPTCLIP_TREE"])
